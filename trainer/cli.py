@@ -1,0 +1,54 @@
+"""The `lora-workbench` command (also `python -m trainer`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-workbench", description="Point-and-click LoRA/QLoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run one fine-tuning config (exit 0 done, 1 failed, 130/143 stopped)")
+    train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+    est = sub.add_parser("estimate", help="trainable parameters and adapter size, without loading weights")
+    est.add_argument("config")
+
+    tiny = sub.add_parser("make-tiny-model", help="build the offline tiny model with tokenizer + chat template")
+    tiny.add_argument("out_dir")
+
+    ev = sub.add_parser("evaluate", help="score base vs adapter on a held-out file (exact match + loss)")
+    ev.add_argument("run_dir", help="a finished run directory (runs/<run_id>)")
+    ev.add_argument("--data", help="held-out data file (default: the run's eval data)")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from trainer.train import run_training
+
+        return run_training(args.config, resume=args.resume)
+    if args.command == "estimate":
+        from trainer.estimate import estimate_command
+
+        return estimate_command(args.config)
+    if args.command == "make-tiny-model":
+        from trainer.tiny_model import make_tiny_model
+
+        print(f"tiny model written to {make_tiny_model(args.out_dir)}")
+        return 0
+    if args.command == "evaluate":
+        from trainer.evaluate import evaluate_command
+
+        return evaluate_command(args.run_dir, args.data, args.max_new_tokens, args.limit)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

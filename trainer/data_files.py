@@ -1,0 +1,141 @@
+"""Reading dataset rows from local files and the hub, each row tagged with where it came from.
+
+Files are parsed as data only (json, csv, parquet); nothing is unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.paths import resolve_local
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line/row and the field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        shown = problems[:20]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"bad data in {source}:\n" + "\n".join(f"  - {p}" for p in shown) + more)
+
+
+@dataclass(frozen=True)
+class Row:
+    where: str  # "line 7" for JSONL/JSON-with-lines, "row 3 (line 4)" for CSV, "row 3" otherwise
+    data: dict[str, Any]
+
+
+def read_rows(source: str, subset: str | None = None, split: str = "train") -> tuple[str, list[Row]]:
+    """Rows of a local file or hub dataset, and the resolved source name used in messages."""
+    local = resolve_local(source)
+    if local is not None:
+        return str(local), read_file(local)
+    if Path(source).suffix.lower() in SUFFIXES or "/" not in source or source.startswith((".", "/", "~")):
+        raise DataError(source, ["file not found (looked in the working directory and the project's data/)"])
+    return source, read_hub(source, subset, split)
+
+
+def read_file(path: Path) -> list[Row]:
+    if path.is_dir():
+        raise DataError(str(path), ["is a directory; give a .json, .jsonl, .csv or .parquet file"])
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(str(path), [f"unsupported file type {suffix!r} (expected one of {', '.join(SUFFIXES)})"])
+    if path.stat().st_size == 0:
+        raise DataError(str(path), ["the file is empty"])
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
+    rows = reader(path)
+    if not rows:
+        raise DataError(str(path), ["the file holds no rows"])
+    return rows
+
+
+def _decode(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), [f"not UTF-8 text (byte {e.start}): {e.reason}"]) from None
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows, problems = [], []
+    for n, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"line {n}: expected a JSON object per line, got {type(obj).__name__}")
+            continue
+        rows.append(Row(f"line {n}", obj))
+    if problems:
+        raise DataError(str(path), problems)
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    text = _decode(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a .json file that is really JSON Lines
+            return _read_jsonl(path)
+        raise DataError(str(path), [f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"]) from None
+    if isinstance(obj, dict):
+        obj = next((v for v in obj.values() if isinstance(v, list)), None) if len(obj) == 1 else None
+    if not isinstance(obj, list):
+        raise DataError(str(path), ["expected a JSON array of row objects (or JSON Lines)"])
+    bad = [
+        f"row {i}: expected an object, got {type(r).__name__}" for i, r in enumerate(obj, 1) if not isinstance(r, dict)
+    ]
+    if bad:
+        raise DataError(str(path), bad)
+    return [Row(f"row {i}", r) for i, r in enumerate(obj, start=1)]
+
+
+def _read_csv(path: Path) -> list[Row]:
+    text = _decode(path)
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or any(not (f or "").strip() for f in reader.fieldnames):
+        raise DataError(str(path), ["line 1: the header row must name every column"])
+    rows, problems = [], []
+    for i, rec in enumerate(reader, start=1):
+        line = reader.line_num
+        if None in rec:
+            problems.append(f"row {i} (line {line}): more fields than the header's {len(reader.fieldnames)}")
+            continue
+        rows.append(Row(f"row {i} (line {line})", {k: v for k, v in rec.items() if v is not None}))
+    if problems:
+        raise DataError(str(path), problems)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(str(path), [f"not a readable Parquet file ({e})"]) from None
+    return [Row(f"row {i}", r) for i, r in enumerate(table.to_pylist(), start=1)]
+
+
+def read_hub(dataset_id: str, subset: str | None, split: str) -> list[Row]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset_id, subset, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all mean the same to the user
+        raise DataError(dataset_id, [f"could not load hub dataset (subset={subset}, split={split}): {e}"]) from None
+    return [Row(f"row {i}", r) for i, r in enumerate(ds, start=1)]

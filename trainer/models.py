@@ -1,0 +1,88 @@
+"""Loading the tokenizer and the (optionally quantized) base model, and wrapping it with the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.config import QuantizationSection, RunConfig
+from trainer.device import DevicePlan
+from trainer.tiny_model import TINY_MODEL_ID, ensure_tiny_model
+
+
+def model_path(cfg: RunConfig) -> str:
+    """The id or directory transformers loads; the tiny model is built once under <runs_dir>/.cache."""
+    if cfg.model.name_or_path == TINY_MODEL_ID:
+        return str(ensure_tiny_model(Path(cfg.output.runs_dir) / ".cache"))
+    return cfg.model.name_or_path
+
+
+def to_bnb_config(q: QuantizationSection, compute_dtype: str):
+    """bitsandbytes settings for 8-bit / 4-bit storage of the frozen base, or None."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "none":
+        return None
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+
+
+def load_tokenizer(cfg: RunConfig, path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tok.pad_token is None:  # Llama-style tokenizers ship none; padding is masked out anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: RunConfig, path: str, plan: DevicePlan, device_map: Any = None):
+    """The base model, quantized per config and prepared for k-bit training when quantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bnb = to_bnb_config(cfg.quantization, plan.compute_dtype)
+    if bnb is not None and device_map is None:
+        device_map = {"": torch.cuda.current_device()} if plan.cuda else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.model.revision,
+        dtype=getattr(torch, plan.model_dtype),
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        quantization_config=bnb,
+        device_map=device_map,
+        use_safetensors=True,
+    )
+    if bnb is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights are packed two per byte, so count their real elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

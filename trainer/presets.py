@@ -1,0 +1,67 @@
+"""Presets: partial RunConfigs layered recipe -> model preset -> user edits.
+
+Recipes (presets/recipes/*.yaml) set the adapter method and its usual knobs; model presets
+(presets/models/*.yaml) set the model id, its module groups and target layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, RunConfig, read_yaml, validate_config
+from trainer.paths import PRESETS_DIR
+
+
+def list_presets(kind: str) -> list[str]:
+    """Names of the presets of one kind ('recipes' or 'models')."""
+    return sorted(p.stem for p in (PRESETS_DIR / kind).glob("*.yaml"))
+
+
+def load_preset(kind: str, name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        field = "recipe" if kind == "recipes" else "model_preset"
+        raise ConfigError([f"{field}: unknown preset {name!r} (available: {', '.join(list_presets(kind))})"])
+    return read_yaml(path)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge mappings; lists and scalars in override replace those in base."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def layer(user: dict[str, Any]) -> dict[str, Any]:
+    """Apply the recipe and model preset a user dict names, under the user's own values."""
+    merged: dict[str, Any] = {}
+    problems: list[str] = []
+    for kind, key in (("recipes", "recipe"), ("models", "model_preset")):
+        name = user.get(key)
+        if name is None:
+            continue
+        try:
+            merged = deep_merge(merged, load_preset(kind, str(name)))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return deep_merge(merged, user)
+
+
+def build_config(user: dict[str, Any], source: str | None = None) -> RunConfig:
+    try:
+        return validate_config(layer(user), source)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a user's YAML, layer its presets and validate: the one way a config file becomes a RunConfig."""
+    return build_config(read_yaml(path), str(path))

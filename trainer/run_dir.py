@@ -1,0 +1,116 @@
+"""A run directory and its files, the contract between a training job and everything that watches it.
+
+runs/<run_id>/ config.yaml  status.json  metrics.jsonl  train.log  adapter/  checkpoints/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "completed", "failed", "stopped")
+FINAL_STATES = ("completed", "failed", "stopped")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temp file in the same dir and rename over: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_run_id(run_name: str | None, runs_dir: Path) -> str:
+    """<yyyymmdd-hhmmss>-<name>, with a numeric suffix if that directory already exists."""
+    base = datetime.now().strftime("%Y%m%d-%H%M%S") + (f"-{run_name}" if run_name else "")
+    run_id, n = base, 1
+    while (runs_dir / run_id).exists():
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
+
+
+def read_status(run_path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_path / "status.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class RunDir:
+    """Paths of one run and the writers of its status and metrics."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.config = path / "config.yaml"
+        self.status_file = path / "status.json"
+        self.metrics_file = path / "metrics.jsonl"
+        self.log_file = path / "train.log"
+        self.adapter = path / "adapter"
+        self.checkpoints = path / "checkpoints"
+        self.status: dict[str, Any] = read_status(path) or {
+            "state": "queued",
+            "pid": None,
+            "started_at": None,
+            "ended_at": None,
+            "exit_code": None,
+            "error": None,
+            "step": 0,
+            "max_steps": None,
+        }
+        self._metrics = None
+        self._last_status_write = 0.0
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    def write_status(self, throttle_s: float = 0.0, **changes: Any) -> None:
+        """Update status.json atomically; with throttle_s, skip writes closer together than that."""
+        self.status.update(changes)
+        now = time.monotonic()
+        if throttle_s and now - self._last_status_write < throttle_s:
+            return
+        self._last_status_write = now
+        write_json_atomic(self.status_file, self.status)
+
+    def append_metric(self, kind: str, step: int, **values: Any) -> None:
+        """One metrics.jsonl line, flushed at once so a watcher sees it while training goes on."""
+        if self._metrics is None:
+            self._metrics = open(self.metrics_file, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+        line = {"step": step, "time": round(time.time(), 3), "kind": kind, **values}
+        self._metrics.write(json.dumps(line, allow_nan=True) + "\n")
+        self._metrics.flush()
+
+    def event(self, step: int, event: str, **values: Any) -> None:
+        self.append_metric("event", step, event=event, **values)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All complete lines of a metrics.jsonl; a half-written last line is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

@@ -1,0 +1,355 @@
+"""`lora-workbench train CONFIG.yaml`: one fine-tuning run, top to bottom.
+
+    lora-workbench train examples/tiny-qlora.yaml          # new run under runs/<run_id>/
+    lora-workbench train runs/<run_id>/config.yaml --resume  # continue from its newest complete checkpoint
+
+setup (config, run dir, signals) -> prepare (hardware check, tokenizer, data: all before the model) ->
+fit (model, adapter, SFTTrainer) -> finish (adapter + model card, status). Exit codes: 0 completed,
+1 failed, 130 stopped by SIGINT, 143 stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, RunConfig
+from trainer.data_files import DataError
+from trainer.log_tee import tee_to
+from trainer.presets import load_config
+from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class RunStopped(Exception):
+    """A stop signal arrived before training started."""
+
+
+def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
+    """The run's directory: the config's own if it lies in <runs_dir>/<id>/config.yaml, else a new one."""
+    runs = Path(cfg.output.runs_dir).resolve()
+    if config_path.name == "config.yaml" and config_path.resolve().parent.parent == runs:
+        path = config_path.resolve().parent
+        status = read_status(path) or {}
+        if status.get("state") in FINAL_STATES and not resuming:
+            raise ConfigError(
+                [
+                    f"run {path.name} already ended ({status['state']}); pass --resume to continue it from its newest "
+                    "checkpoint, or train a copy of its config to start a new run"
+                ],
+                str(config_path),
+            )
+        return RunDir(path)
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / new_run_id(cfg.output.run_name, runs)
+    path.mkdir()
+    run = RunDir(path)
+    run.config.write_text(cfg.to_yaml(), encoding="utf-8")
+    return run
+
+
+def total_optimizer_steps(cfg: RunConfig, n_train: int, world_size: int) -> int:
+    """Optimizer steps the Trainer will run (its own formula), needed up front by AdaLoRA's schedule."""
+    t = cfg.training
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(n_train / (t.per_device_batch_size * world_size))
+    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    return math.ceil(t.num_epochs * per_epoch)
+
+
+def to_sft_config(cfg: RunConfig, run: RunDir, flags: dict[str, bool], has_eval: bool):
+    from trl import SFTConfig
+
+    t = cfg.training
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # HF's filter hides non-finite losses from the curve; the NaN guard needs them
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        max_length=cfg.data.max_length,
+        packing=t.packing,
+        report_to=[],
+        disable_tqdm=True,
+        **flags,
+    )
+
+
+def resume_checkpoint(cfg: RunConfig, run: RunDir) -> str | None:
+    from trainer.callbacks import latest_complete_checkpoint
+
+    want = cfg.training.resume_from_checkpoint
+    if want is None:
+        return None
+    if want == "latest":
+        found = latest_complete_checkpoint(run.checkpoints)
+        if found is None:
+            raise ConfigError([f"training.resume_from_checkpoint: no complete checkpoint in {run.checkpoints}"])
+        return str(found)
+    if not Path(want, "CHECKPOINT_COMPLETE").is_file():
+        raise ConfigError([f"training.resume_from_checkpoint: {want} is not a complete checkpoint directory"])
+    return want
+
+
+class Session:
+    """State shared by the stages of one run."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir):
+        from trainer.callbacks import StopSignal
+
+        self.cfg, self.run = cfg, run
+        self.stop = StopSignal()
+        self.facts: dict[str, Any] = {}
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop.signum is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self.stop.signum = signum
+        print(f"received {signal.Signals(signum).name}: stopping after the current step and saving the adapter")
+
+    def check_stop(self) -> None:
+        if self.stop.signum is not None:
+            raise RunStopped
+
+
+def prepare(s: Session):
+    """Hardware check, tokenizer and data: everything that can fail on bad input, before any model loads."""
+    from trainer import device
+    from trainer.data import prepare_data
+    from trainer.models import load_tokenizer, model_path
+    from trainer.tokenization import chat_template_of
+
+    cuda, gpus, bf16_ok = device.detect()
+    problems = device.hardware_problems(s.cfg, cuda, gpus, bf16_ok)
+    if problems:
+        raise ConfigError(problems)
+    plan = device.plan(s.cfg, cuda, bf16_ok)
+    path = model_path(s.cfg)
+    tokenizer = load_tokenizer(s.cfg, path)
+    tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
+    data = prepare_data(tokenizer, s.cfg.data, tokenizer.chat_template, s.cfg.training.seed)
+    r = data.report
+    print(f"data: {data.source} ({data.format}): {r.summary()}; {len(data.train)} train / {len(data.eval)} eval")
+    s.run.event(
+        0,
+        "data",
+        source=data.source,
+        format=data.format,
+        rows=r.rows,
+        truncated=r.truncated,
+        dropped_overlength=r.dropped_overlength,
+        dropped_no_trainable=r.dropped_no_trainable,
+        train_rows=len(data.train),
+        eval_rows=len(data.eval),
+        trainable_tokens=r.trainable_tokens,
+    )
+    s.facts.update(
+        base_model=s.cfg.model.name_or_path,
+        train_rows=len(data.train),
+        data_format=data.format,
+        precision=plan.precision,
+    )
+    return plan, path, tokenizer, data
+
+
+def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
+    """Load the model, wrap it with the adapter and train; returns the trainer."""
+    from trl import SFTTrainer
+
+    from trainer.adapters import adalora_schedule_problem, to_peft_config
+    from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, MetricsCallback, NanGuard, TokenCounter
+    from trainer.data import to_dataset
+    from trainer.models import count_parameters, load_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    total = total_optimizer_steps(s.cfg, len(data.train), world)
+    if problem := adalora_schedule_problem(s.cfg, total):
+        raise ConfigError([problem])
+    resume = resume_checkpoint(s.cfg, s.run)
+    s.check_stop()
+    model = load_model(s.cfg, path, plan)
+    s.check_stop()
+    args = to_sft_config(s.cfg, s.run, plan.trainer_flags, bool(data.eval))
+    s.nan_guard = NanGuard()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(data.train),
+        eval_dataset=to_dataset(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        peft_config=to_peft_config(s.cfg, total),
+        callbacks=[s.nan_guard, s.stop, CheckpointMarker()],
+    )
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    s.metrics = MetricsCallback(s.run, counter, trainer.is_world_process_zero())
+    trainer.add_callback(s.metrics)
+    if s.cfg.adapter.method == "adalora":
+        trainer.add_callback(AdaLoraAllocator(trainer.model))
+    if s.cfg.adapter.method == "pissa":
+        s.pissa_init = save_pissa_init(trainer.model, s.run)
+    trainable, total_params = count_parameters(trainer.model)
+    s.facts.update(
+        trainable_params=trainable,
+        total_params=total_params,
+        trainable_percent=round(100 * trainable / max(total_params, 1), 4),
+    )
+    print(
+        f"model: {path}: {trainable:,} trainable of {total_params:,} parameters "
+        f"({s.facts['trainable_percent']}%), {total} optimizer steps"
+    )
+    s.run.event(
+        0,
+        "model_loaded",
+        trainable_params=trainable,
+        total_params=total_params,
+        adapter_mb=round(trainable * 4 / 2**20, 3),
+        max_steps=total,
+    )
+    s.check_stop()
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def save_pissa_init(model: Any, run: RunDir) -> Path:
+    """Save PiSSA's initial adapter so the final one can be converted to plain LoRA on the untouched base."""
+    init_dir = run.path / "pissa_init"
+    if not init_dir.exists():
+        cfg = model.peft_config["default"]
+        original, cfg.init_lora_weights = cfg.init_lora_weights, True
+        model.save_pretrained(init_dir)
+        cfg.init_lora_weights = original
+    return init_dir
+
+
+def save_adapter(s: Session, trainer: Any) -> None:
+    """adapter/: PEFT weights (safetensors), tokenizer, the run config and a model card; swapped in atomically."""
+    import shutil
+
+    from trainer.callbacks import adalora_ranks
+    from trainer.model_card import model_card
+
+    tmp = s.run.path / "adapter.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs = {}
+    if getattr(s, "pissa_init", None):
+        kwargs["path_initial_model_for_weight_conversion"] = str(s.pissa_init)
+    trainer.model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    trainer.processing_class.save_pretrained(tmp)
+    (tmp / "workbench_config.yaml").write_text(s.cfg.to_yaml(), encoding="utf-8")
+    s.facts.update(
+        steps=trainer.state.global_step,
+        epoch=trainer.state.epoch,
+        final_train_loss=s.metrics.last_train.get("loss"),
+        final_eval_loss=s.metrics.last_eval.get("eval_loss"),
+    )
+    (tmp / "README.md").write_text(model_card(s.cfg, s.facts["base_model"], s.facts), encoding="utf-8")
+    if s.cfg.adapter.method == "adalora":
+        import json
+
+        ranks = adalora_ranks(trainer.model)
+        (s.run.path / "adalora_ranks.json").write_text(json.dumps(ranks, indent=1))
+        s.run.event(trainer.state.global_step, "adalora_ranks", ranks=ranks)
+    old = s.run.path / "adapter.old"
+    if s.run.adapter.exists():
+        s.run.adapter.rename(old)
+    tmp.rename(s.run.adapter)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish(s: Session, state: str, code: int, error: str | None = None) -> int:
+    s.run.write_status(state=state, exit_code=code, error=error, ended_at=time.time())
+    s.run.event(s.run.status.get("step") or 0, "end", state=state, error=error)
+    s.run.close()
+    print(f"run {s.run.run_id}: {state}" + (f": {error}" if error else "") + f" ({s.run.path})")
+    return code
+
+
+def oom_message(err: BaseException) -> str:
+    return (
+        f"out of memory: {str(err).splitlines()[0]}. Fit the run by: 4-bit QLoRA (recipe qlora), a smaller "
+        "per_device_batch_size with more gradient_accumulation_steps, gradient_checkpointing on, or a shorter "
+        "data.max_length."
+    )
+
+
+def execute(s: Session) -> int:
+    """Run the stages, mapping each way a run ends to its state and exit code."""
+    import torch
+
+    s.run.write_status(
+        state="running", pid=os.getpid(), started_at=time.time(), ended_at=None, exit_code=None, error=None
+    )
+    s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid())
+    try:
+        trainer = fit(s, *prepare(s))
+        if s.nan_guard.error:
+            return finish(s, "failed", EXIT_FAILED, s.nan_guard.error)
+        save_adapter(s, trainer)
+        if s.stop.signum is not None:
+            return finish(s, "stopped", 128 + s.stop.signum)
+        return finish(s, "completed", EXIT_OK)
+    except (ConfigError, DataError) as e:
+        print(str(e), file=sys.stderr)
+        return finish(s, "failed", EXIT_FAILED, str(e))
+    except (RunStopped, KeyboardInterrupt):
+        signum = s.stop.signum or signal.SIGINT
+        return finish(s, "stopped", 128 + signum, None if s.stop.signum else "interrupted twice: adapter not saved")
+    except torch.OutOfMemoryError as e:
+        return finish(s, "failed", EXIT_FAILED, oom_message(e))
+    except Exception as e:
+        traceback.print_exc()
+        return finish(s, "failed", EXIT_FAILED, f"{type(e).__name__}: {e}")
+
+
+def run_training(config_path: str, resume: bool = False) -> int:
+    path = Path(config_path)
+    try:
+        cfg = load_config(path)
+        if resume and cfg.training.resume_from_checkpoint is None:
+            cfg.training.resume_from_checkpoint = "latest"
+        run = open_run_dir(cfg, path, resume)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        mark_failed_if_run_dir(path, str(e))
+        return EXIT_FAILED
+    s = Session(cfg, run)
+    signal.signal(signal.SIGTERM, s.on_signal)
+    signal.signal(signal.SIGINT, s.on_signal)
+    with tee_to(run.log_file):
+        print(f"run {run.run_id} in {run.path} (pid {os.getpid()})")
+        return execute(s)
+
+
+def mark_failed_if_run_dir(config_path: Path, error: str) -> None:
+    """A queued run whose config no longer validates is marked failed, so its watcher sees why."""
+    status = read_status(config_path.parent)
+    if config_path.name == "config.yaml" and status and status.get("state") == "queued":
+        RunDir(config_path.parent).write_status(
+            state="failed", exit_code=EXIT_FAILED, error=error, ended_at=time.time()
+        )
