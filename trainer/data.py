@@ -67,12 +67,14 @@ def tokenize_all(
             if kept is None:
                 report.dropped_overlength += 1
                 continue
-            report.truncated += 1
-            row = kept
+            truncated, row = True, kept
+        else:
+            truncated = False
         trainable = sum(1 for x in row.labels if x != IGNORE_INDEX)
-        if trainable == 0:
+        if trainable == 0:  # never train a prompt-only row
             report.dropped_no_trainable += 1
             continue
+        report.truncated += truncated
         report.trainable_tokens += trainable
         out.append(row)
     if problems:

@@ -339,11 +339,14 @@ def run_training(config_path: str, resume: bool = False) -> int:
         mark_failed_if_run_dir(path, str(e))
         return EXIT_FAILED
     s = Session(cfg, run)
-    signal.signal(signal.SIGTERM, s.on_signal)
-    signal.signal(signal.SIGINT, s.on_signal)
-    with tee_to(run.log_file):
-        print(f"run {run.run_id} in {run.path} (pid {os.getpid()})")
-        return execute(s)
+    previous = {sig: signal.signal(sig, s.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with tee_to(run.log_file):
+            print(f"run {run.run_id} in {run.path} (pid {os.getpid()})")
+            return execute(s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def mark_failed_if_run_dir(config_path: Path, error: str) -> None:

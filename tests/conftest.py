@@ -1,0 +1,63 @@
+"""Shared fixtures: the offline tiny model (built once per test session) and tiny run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from trainer.presets import deep_merge  # noqa: E402
+from trainer.tiny_model import make_tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_model: Path):
+    """Write a small tiny-model config (a few steps) with overrides; returns its path."""
+
+    def _make(overrides: dict[str, Any] | None = None, name: str = "cfg.yaml") -> Path:
+        base = {
+            "model_preset": "tiny",
+            "model": {"name_or_path": str(tiny_model)},
+            "adapter": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "data": {"source": str(ROOT / "data/sentiment_train.jsonl"), "max_length": 48, "max_samples": 64},
+            "training": {
+                "max_steps": 6,
+                "learning_rate": 2e-3,
+                "per_device_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "gradient_checkpointing": False,
+                "logging_steps": 1,
+                "save_steps": 3,
+            },
+            "output": {"runs_dir": str(tmp_path / "runs")},
+        }
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(deep_merge(base, overrides or {})))
+        return path
+
+    return _make
+
+
+def only_run(runs_dir: Path) -> Path:
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, runs
+    return runs[0]
