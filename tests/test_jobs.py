@@ -1,0 +1,183 @@
+"""The job layer with real `lora-workbench train` subprocesses: queue order, stop, crash, pid reuse, re-attach."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+from trainer.jobs import JobManager
+from trainer.presets import load_config
+from trainer.run_dir import read_metrics, read_status
+
+
+def wait_until(predicate, timeout: float = 90.0, manager: JobManager | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if manager is not None:
+            manager.tick()
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> JobManager:
+    return JobManager(tmp_path / "runs", max_running=1, cwd=ROOT)
+
+
+def long_job(make_config, manager: JobManager) -> str:
+    cfg = load_config(make_config({"training": {"max_steps": 5000, "save_steps": 10000}}))
+    job_id = manager.submit(cfg)
+    run = Path(manager.registry.get(job_id).run_dir)
+    wait_until(
+        lambda: (
+            (run / "metrics.jsonl").exists() and any(x["kind"] == "train" for x in read_metrics(run / "metrics.jsonl"))
+        ),
+        manager=manager,
+    )
+    return job_id
+
+
+def test_queue_runs_jobs_in_order_one_at_a_time(make_config, manager: JobManager) -> None:
+    cfg = load_config(make_config({"training": {"max_steps": 2}}))
+    ids = [manager.submit(cfg) for _ in range(3)]
+    assert [manager.queue_position(i) for i in ids] == [1, 2, 3]
+    most_running = 0
+
+    def all_done() -> bool:
+        nonlocal most_running
+        most_running = max(most_running, len(manager.registry.all("running")))
+        return all(manager.registry.get(i).state == "completed" for i in ids)
+
+    wait_until(all_done, timeout=180, manager=manager)
+    jobs = [manager.registry.get(i) for i in ids]
+    assert most_running == 1
+    assert jobs[0].started_at < jobs[1].started_at < jobs[2].started_at
+    assert jobs[0].ended_at <= jobs[1].started_at and jobs[1].ended_at <= jobs[2].started_at
+    assert all(j.exit_code == 0 and (Path(j.run_dir) / "adapter").is_dir() for j in jobs)
+
+
+def test_stop_saves_adapter_and_leaves_no_process(make_config, manager: JobManager) -> None:
+    job_id = long_job(make_config, manager)
+    pid = manager.registry.get(job_id).pid
+    pgid = os.getpgid(pid)
+    manager.stop(job_id)
+    wait_until(lambda: manager.registry.get(job_id).state == "stopped", manager=manager)
+    job = manager.registry.get(job_id)
+    assert job.exit_code == 143 and (Path(job.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
+    assert not group_alive(pgid) and not psutil.pid_exists(pid)  # reaped: no zombie either
+
+
+def test_forced_stop_kills_the_process_group(make_config, manager: JobManager) -> None:
+    job_id = long_job(make_config, manager)
+    pgid = os.getpgid(manager.registry.get(job_id).pid)
+    os.killpg(pgid, signal.SIGSTOP)  # a job that cannot react to SIGTERM (hung in a kernel, say)
+    manager.stop(job_id, grace_s=0.5)
+    wait_until(lambda: manager.registry.get(job_id).state == "stopped", manager=manager)
+    assert "killed after not stopping" in manager.registry.get(job_id).error
+    assert not group_alive(pgid)
+    assert read_status(Path(manager.registry.get(job_id).run_dir))["state"] == "stopped"
+
+
+def test_stopping_a_queued_job_means_it_never_starts(make_config, manager: JobManager) -> None:
+    cfg = load_config(make_config({"training": {"max_steps": 5000}}))
+    first, second = manager.submit(cfg), manager.submit(cfg)
+    manager.stop(second)
+    assert manager.registry.get(second).state == "stopped" and manager.queue_position(second) is None
+    manager.stop(first)
+    wait_until(lambda: manager.registry.get(first).state == "stopped", manager=manager)
+    assert manager.registry.get(second).started_at is None
+
+
+def test_killed_trainer_is_failed_with_log_tail(make_config, manager: JobManager) -> None:
+    job_id = long_job(make_config, manager)
+    os.kill(manager.registry.get(job_id).pid, signal.SIGKILL)
+    wait_until(lambda: manager.registry.get(job_id).state == "failed", manager=manager)
+    job = manager.registry.get(job_id)
+    assert "the training process died (exit code -9)" in job.error and "trainable" in job.error
+    assert read_status(Path(job.run_dir))["state"] == "failed"
+
+
+def test_recycled_pid_is_not_taken_for_our_job(make_config, manager: JobManager, tmp_path: Path) -> None:
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        cfg = load_config(make_config())
+        job_id = manager.submit(cfg)
+        start = psutil.Process(stranger.pid).create_time()
+        manager.registry.update(job_id, state="running", pid=stranger.pid, proc_start=start - 100)
+        restarted = JobManager(tmp_path / "runs", cwd=ROOT)  # a server restart sees the stale row
+        job = restarted.registry.get(job_id)
+        assert job.state == "failed" and "while nobody was watching" in job.error
+        restarted.stop(job_id)
+        assert stranger.poll() is None  # the stranger was neither signalled nor killed
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_restarted_manager_reattaches_a_live_job(make_config, manager: JobManager, tmp_path: Path) -> None:
+    job_id = long_job(make_config, manager)
+    restarted = JobManager(tmp_path / "runs", cwd=ROOT)
+    assert restarted.registry.get(job_id).state == "running"
+    restarted.stop(job_id)  # the new server can stop a job it did not start
+    wait_until(lambda: restarted.registry.get(job_id).state == "stopped", manager=restarted)
+    assert restarted.registry.get(job_id).exit_code == 143
+    manager.tick()  # the old manager reaps its child
+
+
+def test_registry_reads_while_jobs_write(make_config, manager: JobManager) -> None:
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                manager.registry.all()
+                manager.queue_position("x")
+            except BaseException as e:  # noqa: BLE001 (any failure fails the test)
+                errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    cfg = load_config(make_config({"training": {"max_steps": 2}}))
+    ids = [manager.submit(cfg) for _ in range(2)]
+    wait_until(lambda: all(manager.registry.get(i).state == "completed" for i in ids), timeout=180, manager=manager)
+    done.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_delete_and_rename(make_config, manager: JobManager) -> None:
+    cfg = load_config(make_config({"training": {"max_steps": 5000}}))
+    job_id = manager.submit(cfg)
+    manager.tick()
+    with pytest.raises(ValueError, match="stop it before deleting"):
+        manager.delete(job_id)
+    manager.rename(job_id, "better-name")
+    assert manager.registry.get(job_id).name == "better-name"
+    with pytest.raises(ValueError, match="may hold only"):
+        manager.rename(job_id, "../x")
+    manager.stop(job_id)
+    wait_until(lambda: manager.registry.get(job_id).state == "stopped", manager=manager)
+    run_dir = Path(manager.registry.get(job_id).run_dir)
+    manager.delete(job_id)
+    assert manager.registry.get(job_id) is None and not run_dir.exists()

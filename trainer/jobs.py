@@ -1,0 +1,241 @@
+"""The job queue: runs start in order as `lora-workbench train` subprocesses, are stopped by process group,
+and are re-attached (or marked failed) when the server that started them restarts.
+
+Files stay the contract: a job writes its own status.json; the registry mirrors it for listing and ordering.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from trainer.config import RunConfig
+from trainer.log_tee import CAPTURED_ENV
+from trainer.registry import Job, Registry
+from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status, write_json_atomic
+
+STOP_GRACE_S = 30.0
+
+
+def log_tail(run_dir: Path, lines: int = 30) -> str:
+    """The last lines of a run's train.log (read from the end, not the whole file)."""
+    path = run_dir / "train.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def is_our_process(job: Job) -> bool:
+    """True if the job's pid is alive and is still the process we started (not a recycled pid)."""
+    if not job.pid or job.proc_start is None:
+        return False
+    try:
+        proc = psutil.Process(job.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(proc.create_time() - job.proc_start) < 0.01 and job.config_path in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class JobManager:
+    """Submit, start, stop, reconcile. tick() advances the queue; start() runs it on a daemon thread."""
+
+    def __init__(self, runs_dir: Path, max_running: int = 1, cwd: Path | None = None):
+        self.runs_dir = runs_dir.resolve()
+        self.registry = Registry(self.runs_dir)
+        self.max_running = max_running
+        self.cwd = cwd or Path.cwd()
+        self._children: dict[str, subprocess.Popen] = {}
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+        self.reattach()
+
+    # --- submitting -----------------------------------------------------------------------------------
+    def submit(self, cfg: RunConfig) -> str:
+        """Write runs/<run_id>/config.yaml (queued) and register it; returns the run id."""
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"runs_dir": str(self.runs_dir)})})
+        with self._lock:
+            run_id = new_run_id(cfg.output.run_name, self.runs_dir)
+            run = RunDir(self.runs_dir / run_id)
+            run.path.mkdir(parents=True)
+            run.config.write_text(cfg.to_yaml(), encoding="utf-8")
+            write_json_atomic(run.status_file, run.status)
+            self.registry.add(run_id, cfg.output.run_name, "train", run.config, run.path)
+        return run_id
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start; None when the job is not queued."""
+        queued = [j.id for j in self.registry.all("queued")]
+        return queued.index(job_id) + 1 if job_id in queued else None
+
+    # --- the queue --------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Reconcile running jobs with their processes, then start queued ones while slots are free."""
+        with self._lock:
+            for job in self.registry.all("running"):
+                self._reconcile(job)
+            running = len(self.registry.all("running"))
+            for job in self.registry.all("queued")[: max(0, self.max_running - running)]:
+                self._launch(job)
+
+    def _launch(self, job: Job) -> None:
+        env = {**os.environ, CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "trainer", "train", job.config_path]
+        with open(Path(job.run_dir) / "train.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self._children[job.id] = proc
+        start = psutil.Process(proc.pid).create_time()
+        self.registry.update(job.id, state="running", pid=proc.pid, proc_start=start, started_at=time.time())
+
+    def _reconcile(self, job: Job) -> None:
+        """Take the final state of a job whose process has ended, from its status.json or its death."""
+        child = self._children.get(job.id)
+        if child is not None:
+            if child.poll() is None:
+                return
+            del self._children[job.id]
+            exit_code = child.returncode
+        elif is_our_process(job):
+            return
+        else:
+            exit_code = None
+        status = read_status(Path(job.run_dir)) or {}
+        if status.get("state") in FINAL_STATES:
+            self.registry.update(
+                job.id,
+                state=status["state"],
+                exit_code=status.get("exit_code", exit_code),
+                error=status.get("error"),
+                ended_at=status.get("ended_at") or time.time(),
+            )
+            return
+        self._mark_dead(job, exit_code)
+
+    def _mark_dead(self, job: Job, exit_code: int | None) -> None:
+        """The process ended without writing a final state (killed, crashed hard): say so, with the log tail."""
+        if job.stop_requested:
+            state, error = "stopped", "killed after not stopping within the grace period; adapter not saved"
+        else:
+            how = f"exit code {exit_code}" if exit_code is not None else "while nobody was watching"
+            state, error = "failed", f"the training process died ({how}). Last lines of train.log:\n"
+            error += log_tail(Path(job.run_dir))
+        run = RunDir(Path(job.run_dir))
+        run.write_status(state=state, error=error, exit_code=exit_code, ended_at=time.time())
+        self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=time.time())
+
+    def reattach(self) -> None:
+        """After a server restart: keep jobs whose process still runs, settle the ones that ended meanwhile."""
+        with self._lock:
+            for job in self.registry.all("running"):
+                self._reconcile(job)
+
+    # --- stopping ---------------------------------------------------------------------------------------
+    def stop(self, job_id: str, grace_s: float = STOP_GRACE_S) -> None:
+        """Queued: never starts. Running: SIGTERM to its process group (it saves the adapter), SIGKILL after
+        grace_s. Returns at once; the queue thread settles the final state."""
+        with self._lock:
+            job = self.registry.get(job_id)
+            if job is None or job.state in FINAL_STATES:
+                return
+            if job.state == "queued":
+                RunDir(Path(job.run_dir)).write_status(
+                    state="stopped", ended_at=time.time(), error="stopped before it started"
+                )
+                self.registry.update(job_id, state="stopped", ended_at=time.time(), error="stopped before it started")
+                return
+            self.registry.update(job_id, stop_requested=time.time())
+            if not (job.id in self._children or is_our_process(job)):
+                return
+            _signal_group(job.pid, signal.SIGTERM)
+        threading.Timer(grace_s, self._force_kill, args=(job_id,)).start()
+
+    def _force_kill(self, job_id: str) -> None:
+        job = self.registry.get(job_id)
+        if job is not None and job.state == "running" and (job.id in self._children or is_our_process(job)):
+            _signal_group(job.pid, signal.SIGKILL)
+            child = self._children.get(job_id)
+            if child is not None:
+                child.wait(timeout=30)  # reap it: no zombie
+            self.tick()
+
+    # --- housekeeping -----------------------------------------------------------------------------------
+    def delete(self, job_id: str) -> None:
+        """Remove a finished run's directory and registry row (the UI asks the user first)."""
+        import shutil
+
+        job = self.registry.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.state not in FINAL_STATES:
+            raise ValueError(f"run {job_id} is {job.state}; stop it before deleting it")
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        self.registry.delete(job_id)
+
+    def rename(self, job_id: str, name: str) -> None:
+        from trainer.config import RUN_NAME_RE
+
+        if not RUN_NAME_RE.match(name):
+            raise ValueError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
+        self.registry.update(job_id, name=name)
+
+    def adopt_runs_on_disk(self) -> None:
+        """Register run directories made by `lora-workbench train` outside the UI."""
+        known = {j.id for j in self.registry.all()}
+        for path in sorted(self.runs_dir.iterdir()):
+            status = read_status(path) if path.is_dir() else None
+            if status is None or path.name in known or status.get("state") not in FINAL_STATES:
+                continue
+            self.registry.add(path.name, None, "train", path / "config.yaml", path, state=status["state"])
+            self.registry.update(
+                path.name,
+                exit_code=status.get("exit_code"),
+                error=status.get("error"),
+                started_at=status.get("started_at"),
+                ended_at=status.get("ended_at"),
+            )
+
+    # --- the background thread --------------------------------------------------------------------------
+    def start(self, interval_s: float = 1.0) -> None:
+        def loop() -> None:
+            while not self._stop_event.wait(interval_s):
+                self.tick()
+
+        self.tick()
+        self._thread = threading.Thread(target=loop, name="job-queue", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the queue thread; running jobs go on and are re-attached by the next server."""
+        self._stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _signal_group(pid: int | None, sig: int) -> None:
+    if not pid:
+        return
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except ProcessLookupError:
+        pass
