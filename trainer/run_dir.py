@@ -104,13 +104,6 @@ class RunDir:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All complete lines of a metrics.jsonl; a half-written last line is skipped."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    from trainer.metrics_reader import MetricsTail
+
+    return MetricsTail(path).poll()

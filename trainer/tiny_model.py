@@ -9,6 +9,8 @@ Its weights are random; LoRA adapters on top of it still learn the bundled synth
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from trainer.paths import PROJECT_ROOT
@@ -77,7 +79,7 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another directory or remove it first")
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two runs may build it at once
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -103,9 +105,14 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    try:
+        if out.exists():
+            out.rmdir()  # only ever an empty directory here
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)  # another process finished first; its model is identical (same seed and data)
     return out
 
 
