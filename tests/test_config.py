@@ -108,6 +108,9 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         ({"data": {"val_size": 0.1, "eval_source": "x.jsonl"}}, "data.val_size: set either val_size or eval_source"),
         ({"recipe": "nope"}, "recipe: unknown preset 'nope' (available: adalora"),
         ({"adapter": {"bias": "some"}}, "adapter.bias: Input should be 'none', 'all' or 'lora_only'"),
+        ({"recipe": "../models/tiny"}, "recipe: unknown preset '../models/tiny'"),
+        ({"training": {"num_epochs": float("inf")}}, "training.num_epochs: Input should be a finite number"),
+        ({"adapter": {"target_modules": ""}}, "adapter.target_modules: empty"),
     ],
 )
 def test_validation_messages_name_field_and_rule(user: dict, expected: str) -> None:

@@ -167,3 +167,45 @@ def test_val_size_splits_with_the_seed(tok) -> None:
     b = prepare(tok, ROOT / "data/sentiment_train.jsonl", val_size=0.25)
     assert len(a.eval) == 144 and len(a.train) == 432
     assert [r.input_ids for r in a.eval] == [r.input_ids for r in b.eval]
+
+
+def test_answer_token_straddling_the_generation_prompt_is_trained(tok, tmp_path: Path) -> None:
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+        "{% else %}Assistant: {{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
+    path = write(tmp_path, "p.jsonl", '{"prompt": "Review: good.", "completion": "positive"}\n')
+    row = prepare_data(tok, DataSection(source=str(path)), template, seed=0).train[0]
+    assert "positive" in tok.decode([t for t in row.labels if t != IGNORE_INDEX])
+
+
+def test_template_that_ends_text_only_after_the_last_turn(tok, tmp_path: Path) -> None:
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
+    )
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "two"},
+    ]
+    path = write(tmp_path, "m.jsonl", json.dumps({"messages": turns}) + "\n")
+    row = prepare_data(tok, DataSection(source=str(path)), template, seed=0).train[0]
+    trained = tok.decode([t for t in row.labels if t != IGNORE_INDEX])
+    assert "one" in trained and "two" in trained and "b" not in trained.replace("<|im_end|>", "")
+
+
+def test_json_edge_cases(tok, tmp_path: Path) -> None:
+    sep = write(tmp_path, "s.jsonl", json.dumps({"text": "para one\u2028para two"}, ensure_ascii=False) + "\n")
+    assert len(prepare(tok, sep).train) == 1
+    one = write(
+        tmp_path,
+        "one.json",
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+    )
+    assert prepare(tok, one).format == "messages"
+    bad = write(tmp_path, "pc.jsonl", '{"prompt": ["p"], "completion": ["x"]}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'messages' item 0 must be an object"):
+        prepare(tok, bad)

@@ -157,7 +157,7 @@ def test_nan_loss_stops_the_run_as_failed(make_config, tiny_model: Path, tmp_pat
     assert status["state"] == "failed" and "became nan at step 1" in status["error"]
     assert status["step"] < 20
     train = [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
-    assert math.isnan(train[0]["loss"])  # the curve shows the NaN instead of hiding it
+    assert train[0]["loss"] is None and "loss" in train[0]["nonfinite"]  # shown, as strict JSON, not hidden
 
 
 def test_bad_data_fails_before_the_model_loads(make_config, tmp_path: Path) -> None:
@@ -186,3 +186,13 @@ def test_a_finished_run_is_not_overwritten(make_config) -> None:
     assert run_training(str(run / "config.yaml")) == 1
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+def test_a_crashed_run_is_not_restarted_over_itself(make_config) -> None:
+    cfg_path = make_config()
+    assert run_training(str(cfg_path)) == 0
+    run = only_run(cfg_path.parent / "runs")
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "state": "running", "pid": 999999}))
+    assert run_training(str(run / "config.yaml")) == 1  # needs --resume, never retrains from step 1 in place
+    assert json.loads((run / "status.json").read_text())["state"] == "running"

@@ -35,6 +35,7 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, run: RunDir, counter: TokenCounter, is_main: bool = True):
         self.run, self.counter, self.is_main = run, counter, is_main
         self._last_time = self._last_tokens = None
+        self._snapshot = (time.perf_counter(), 0)
         self.last_train: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -44,8 +45,15 @@ class MetricsCallback(TrainerCallback):
             self.run.write_status(step=state.global_step, max_steps=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._snapshot = (time.perf_counter(), self.counter.tokens)
         if self.is_main:
             self.run.write_status(throttle_s=1.0, step=state.global_step, max_steps=state.max_steps)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Evaluation batches pass through the same collator: take their tokens and time out of throughput.
+        then, tokens = self._snapshot
+        self.counter.tokens = tokens
+        self._last_time += time.perf_counter() - then
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -239,6 +239,8 @@ def _target_module_problems(cfg: RunConfig) -> list[str]:
     tm = cfg.adapter.target_modules
     if isinstance(tm, list):
         return [] if tm and all(isinstance(x, str) and x for x in tm) else ["adapter.target_modules: empty list"]
+    if not tm.strip():
+        return ["adapter.target_modules: empty; use 'all-linear', a module group, a list or a regex"]
     if tm == "all-linear" or tm in cfg.model.module_groups:
         return []
     groups = ", ".join(sorted(cfg.model.module_groups)) or "none (no model preset)"
@@ -266,7 +268,7 @@ def format_validation_error(err: ValidationError) -> list[str]:
     """Turn pydantic's errors into `field: message` lines that say what is allowed."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("str", "list[str]"))  # drop union branch names
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown key (allowed: {_allowed_keys(e['loc'][:-1])})"
@@ -308,6 +310,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"file not found: {p}"], str(p))
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start})"], str(p)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -23,6 +23,7 @@ class Prepared:
     train: list[TokenizedRow]
     eval: list[TokenizedRow]
     report: TokenizeReport
+    eval_report: TokenizeReport | None
     format: str
     source: str
 
@@ -105,10 +106,11 @@ def prepare_data(tokenizer: Any, cfg: DataSection, template: str, seed: int) -> 
     train, report = tokenize_all(tokenizer, located, cfg, template, name)
     if cfg.eval_source:
         eval_name, _, eval_located = load_examples(cfg.eval_source, cfg)
-        eval_rows, _ = tokenize_all(tokenizer, eval_located, cfg, template, eval_name)
+        eval_rows, eval_report = tokenize_all(tokenizer, eval_located, cfg, template, eval_name)
     else:
         train, eval_rows = split_eval(train, cfg.val_size, seed)
-    return Prepared(train, eval_rows, report, fmt, name)
+        eval_report = None  # the held-out rows are counted in the train report
+    return Prepared(train, eval_rows, report, eval_report, fmt, name)
 
 
 def to_dataset(rows: list[TokenizedRow]):

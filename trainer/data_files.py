@@ -6,6 +6,7 @@ Files are parsed as data only (json, csv, parquet); nothing is unpickled or exec
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ def _decode(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows, problems = [], []
-    for n, line in enumerate(_decode(path).splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028/U+0085, which JSON strings may hold unescaped
+    for n, line in enumerate(_decode(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -92,8 +94,10 @@ def _read_json(path: Path) -> list[Row]:
         if e.msg == "Extra data":  # a .json file that is really JSON Lines
             return _read_jsonl(path)
         raise DataError(str(path), [f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"]) from None
-    if isinstance(obj, dict):
-        obj = next((v for v in obj.values() if isinstance(v, list)), None) if len(obj) == 1 else None
+    if isinstance(obj, dict):  # {"data": [rows]} is a wrapped array; any other object is one row
+        only = next(iter(obj.values())) if len(obj) == 1 else None
+        wrapped = isinstance(only, list) and all(isinstance(r, dict) for r in only) and only
+        obj = only if wrapped and next(iter(obj)) not in ("messages", "conversations") else [obj]
     if not isinstance(obj, list):
         raise DataError(str(path), ["expected a JSON array of row objects (or JSON Lines)"])
     bad = [
@@ -106,16 +110,19 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_csv(path: Path) -> list[Row]:
     text = _decode(path)
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames or any(not (f or "").strip() for f in reader.fieldnames):
         raise DataError(str(path), ["line 1: the header row must name every column"])
     rows, problems = [], []
-    for i, rec in enumerate(reader, start=1):
-        line = reader.line_num
-        if None in rec:
-            problems.append(f"row {i} (line {line}): more fields than the header's {len(reader.fieldnames)}")
-            continue
-        rows.append(Row(f"row {i} (line {line})", {k: v for k, v in rec.items() if v is not None}))
+    try:
+        for i, rec in enumerate(reader, start=1):
+            line = reader.line_num
+            if None in rec:
+                problems.append(f"row {i} (line {line}): more fields than the header's {len(reader.fieldnames)}")
+                continue
+            rows.append(Row(f"row {i} (line {line})", {k: v for k, v in rec.items() if v is not None}))
+    except csv.Error as e:
+        problems.append(f"line {reader.line_num + 1}: not valid CSV ({e})")
     if problems:
         raise DataError(str(path), problems)
     return rows

@@ -78,6 +78,10 @@ def _text(data: dict, field: str, *, required: bool = True) -> str:
         raise RowError(f"field '{field}' must be text, got {type(value).__name__}")
     if required and not value.strip():
         raise RowError(f"field '{field}' is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError(f"field '{field}' holds an invalid character (a lone UTF-16 surrogate)") from None
     return value
 
 
@@ -126,7 +130,7 @@ def from_messages(data: dict) -> Example:
 def from_prompt_completion(data: dict) -> Example:
     prompt, completion = data.get("prompt"), data.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
-        return {"messages": check_messages(prompt + completion, "prompt+completion")}
+        return from_messages({"messages": prompt + completion})
     prompt, completion = _text(data, "prompt"), _text(data, "completion")
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]}
 

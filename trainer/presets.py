@@ -21,7 +21,7 @@ def list_presets(kind: str) -> list[str]:
 
 def load_preset(kind: str, name: str) -> dict[str, Any]:
     path = PRESETS_DIR / kind / f"{name}.yaml"
-    if not path.is_file():
+    if name not in list_presets(kind):  # by name only: no paths out of presets/
         field = "recipe" if kind == "recipes" else "model_preset"
         raise ConfigError([f"{field}: unknown preset {name!r} (available: {', '.join(list_presets(kind))})"])
     return read_yaml(path)

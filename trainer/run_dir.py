@@ -6,6 +6,7 @@ runs/<run_id>/ config.yaml  status.json  metrics.jsonl  train.log  adapter/  che
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -90,7 +91,10 @@ class RunDir:
         if self._metrics is None:
             self._metrics = open(self.metrics_file, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
         line = {"step": step, "time": round(time.time(), 3), "kind": kind, **values}
-        self._metrics.write(json.dumps(line, allow_nan=True) + "\n")
+        nonfinite = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if nonfinite:  # strict JSON for every reader: NaN/inf become null, named in "nonfinite"
+            line.update({k: None for k in nonfinite}, nonfinite=nonfinite)
+        self._metrics.write(json.dumps(line, allow_nan=False) + "\n")
         self._metrics.flush()
 
     def event(self, step: int, event: str, **values: Any) -> None:

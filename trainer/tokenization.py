@@ -8,6 +8,7 @@ turn" is that turn's answer, end-of-turn token included, so the model learns to 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,14 +67,17 @@ def render_with_spans(tokenizer: Any, messages: list[dict], template: str) -> tu
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before, through = render(messages[:i], True) if i else "", render(messages[: i + 1], False)
-            if not (through.startswith(before) and full.startswith(through)):
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            # Some templates add end-of-text only after the last turn (Phi-3): the answer ends where the
+            # rendering through this turn stops agreeing with the whole conversation.
+            end = len(os.path.commonprefix([through, full]))
+            if not (through.startswith(before) and full.startswith(before) and end > len(before)):
                 raise TemplateError(
                     f"the chat template does not render turn {i} as a prefix of the conversation "
                     "(it rewrites earlier turns), so its answer cannot be located; use data.format text "
                     "or another chat template"
                 )
-            spans.append((len(before), len(through)))
+            spans.append((len(before), end))
     except TemplateError:
         raise
     except Exception as e:  # jinja raises TemplateError/TypeError/... for rows the template rejects
@@ -91,8 +95,8 @@ def tokenize_example(tokenizer: Any, example: Example, template: str) -> Tokeniz
     text, spans = render_with_spans(tokenizer, example["messages"], template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
-        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-        for tok, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        tok if any(start < e and end > s for s, e in spans) else IGNORE_INDEX  # overlap: a token may straddle
+        for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
     return TokenizedRow(enc["input_ids"], labels)
 

@@ -23,7 +23,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.log_tee import tee_to
 from trainer.presets import load_config
-from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status
+from trainer.run_dir import RunDir, new_run_id, read_status
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -35,14 +35,25 @@ class RunStopped(Exception):
 def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
     """The run's directory: the config's own if it lies in <runs_dir>/<id>/config.yaml, else a new one."""
     runs = Path(cfg.output.runs_dir).resolve()
-    if config_path.name == "config.yaml" and config_path.resolve().parent.parent == runs:
+    status = read_status(config_path.resolve().parent) if config_path.name == "config.yaml" else None
+    if status is not None:  # the config of an existing run (queued by the UI, or being resumed)
         path = config_path.resolve().parent
-        status = read_status(path) or {}
-        if status.get("state") in FINAL_STATES and not resuming:
+        state = status.get("state")
+        if resuming and state == "completed":
+            raise ConfigError([f"run {path.name} already completed; nothing to resume"], str(config_path))
+        if not resuming and state != "queued":
             raise ConfigError(
                 [
-                    f"run {path.name} already ended ({status['state']}); pass --resume to continue it from its newest "
+                    f"run {path.name} is already {state}; pass --resume to continue it from its newest complete "
                     "checkpoint, or train a copy of its config to start a new run"
+                ],
+                str(config_path),
+            )
+        if resuming and cfg.adapter.method == "adalora":
+            raise ConfigError(
+                [
+                    "adapter.method: AdaLoRA checkpoints hold pruned ranks that cannot be reloaded for training; "
+                    "resume is not supported for AdaLoRA, start a new run"
                 ],
                 str(config_path),
             )
@@ -125,9 +136,11 @@ class Session:
         self.cfg, self.run = cfg, run
         self.stop = StopSignal()
         self.facts: dict[str, Any] = {}
+        self.interrupted_twice = False
 
     def on_signal(self, signum: int, _frame: Any) -> None:
         if self.stop.signum is not None:  # a second signal: stop now, without saving
+            self.interrupted_twice = True
             raise KeyboardInterrupt
         self.stop.signum = signum
         print(f"received {signal.Signals(signum).name}: stopping after the current step and saving the adapter")
@@ -153,8 +166,10 @@ def prepare(s: Session):
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
     data = prepare_data(tokenizer, s.cfg.data, tokenizer.chat_template, s.cfg.training.seed)
-    r = data.report
+    r, e = data.report, data.eval_report
     print(f"data: {data.source} ({data.format}): {r.summary()}; {len(data.train)} train / {len(data.eval)} eval")
+    if e is not None:
+        print(f"eval data: {e.summary()}")
     s.run.event(
         0,
         "data",
@@ -167,6 +182,8 @@ def prepare(s: Session):
         train_rows=len(data.train),
         eval_rows=len(data.eval),
         trainable_tokens=r.trainable_tokens,
+        eval_truncated=e.truncated if e else 0,
+        eval_dropped=(e.dropped_overlength + e.dropped_no_trainable) if e else 0,
     )
     s.facts.update(
         base_model=s.cfg.model.name_or_path,
@@ -276,6 +293,7 @@ def save_adapter(s: Session, trainer: Any) -> None:
         (s.run.path / "adalora_ranks.json").write_text(json.dumps(ranks, indent=1))
         s.run.event(trainer.state.global_step, "adalora_ranks", ranks=ranks)
     old = s.run.path / "adapter.old"
+    shutil.rmtree(old, ignore_errors=True)  # left over by a run killed mid-swap
     if s.run.adapter.exists():
         s.run.adapter.rename(old)
     tmp.rename(s.run.adapter)
@@ -319,7 +337,8 @@ def execute(s: Session) -> int:
         return finish(s, "failed", EXIT_FAILED, str(e))
     except (RunStopped, KeyboardInterrupt):
         signum = s.stop.signum or signal.SIGINT
-        return finish(s, "stopped", 128 + signum, None if s.stop.signum else "interrupted twice: adapter not saved")
+        error = "interrupted twice: the adapter was not saved" if s.interrupted_twice else None
+        return finish(s, "stopped", 128 + signum, error)
     except torch.OutOfMemoryError as e:
         return finish(s, "failed", EXIT_FAILED, oom_message(e))
     except Exception as e:
