@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import DataSection
-from trainer.data_files import DataError, Row, read_rows
+from trainer.data_files import DataError, read_rows
 from trainer.data_formats import Example, RowError, convert_rows, detect_format, rename_columns
 from trainer.tokenization import (
     IGNORE_INDEX,
@@ -120,4 +120,4 @@ def to_dataset(rows: list[TokenizedRow]):
     return Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
 
 
-__all__ = ["DataError", "Prepared", "Row", "load_examples", "prepare_data", "to_dataset", "tokenize_all"]
+__all__ = ["DataError", "Prepared", "load_examples", "prepare_data", "to_dataset", "tokenize_all"]

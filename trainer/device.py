@@ -10,7 +10,6 @@ from trainer.config import RunConfig
 @dataclass(frozen=True)
 class DevicePlan:
     cuda: bool
-    gpu_count: int
     precision: str  # bf16 | fp16 | fp32 (mixed precision of the Trainer)
     model_dtype: str  # torch dtype name of the base weights
     compute_dtype: str  # 4-bit matmul dtype
@@ -52,4 +51,4 @@ def plan(cfg: RunConfig, cuda: bool, bf16_ok: bool) -> DevicePlan:
     half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
     model_dtype = cfg.model.dtype if cfg.model.dtype != "auto" else half
     compute = cfg.quantization.compute_dtype if cfg.quantization.compute_dtype != "auto" else half
-    return DevicePlan(cuda, 0, precision, model_dtype, compute)
+    return DevicePlan(cuda, precision, model_dtype, compute)
