@@ -10,6 +10,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-workbench", description="Point-and-click LoRA/QLoRA fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    ui = sub.add_parser("ui", help="serve the web UI (default http://127.0.0.1:7860, runs in ./runs)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind; any non-loopback one needs --auth")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--runs-dir", default="runs", help="where runs, uploads and the job registry live")
+    ui.add_argument("--auth", help="USER:PASS required to open the page (also: --auth-file, $LORA_WORKBENCH_AUTH)")
+    ui.add_argument("--auth-file", help="file holding one USER:PASS line")
+    ui.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address without auth")
+    ui.add_argument("--max-running", type=int, default=1, help="jobs that train at the same time (default 1)")
+
     train = sub.add_parser("train", help="run one fine-tuning config (exit 0 done, 1 failed, 130/143 stopped)")
     train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -30,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ui":
+        from app.server import LaunchError, read_auth, serve
+
+        try:
+            auth = read_auth(args.auth, args.auth_file)
+            serve(args.host, args.port, args.runs_dir, auth, args.insecure_no_auth, args.max_running)
+        except LaunchError as e:
+            print(f"lora-workbench ui: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "train":
         from trainer.train import run_training
 

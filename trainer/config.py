@@ -119,7 +119,9 @@ class DataSection(Section):
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Hub dataset split.")
     eval_source: str | None = Field(None, description="Separate evaluation file or hub id (instead of val_size).")
-    max_samples: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use only the first N rows (unset, or 0 in the UI: all rows)."
+    )
     val_size: float = Field(
         0.0, ge=0, description="Held-out share for evaluation: a fraction in [0, 1) or a row count >= 1."
     )
@@ -162,7 +164,9 @@ class TrainingSection(Section):
     logging_steps: int = Field(10, ge=1, description="Write a metrics line every N optimizer steps.")
     eval_steps: int = Field(50, ge=1, description="Evaluate every N steps when there is evaluation data.")
     save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps.")
-    save_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints.")
+    save_total_limit: int | None = Field(
+        3, ge=1, description="Keep at most this many checkpoints (unset, or 0 in the UI: keep all)."
+    )
     resume_from_checkpoint: str | None = Field(
         None, description="'latest' (newest complete checkpoint of this run) or a checkpoint directory."
     )

@@ -44,10 +44,10 @@ def load_examples(source: str, cfg: DataSection) -> tuple[str, str, list[tuple[s
     return name, fmt, [(r.where, ex) for r, ex in zip(rows, examples, strict=True)]
 
 
-def tokenize_all(
-    tokenizer: Any, located: list[tuple[str, Example]], cfg: DataSection, template: str, source: str
-) -> tuple[list[TokenizedRow], TokenizeReport]:
-    """Tokenize every example under the overlength policy, collecting row errors into one DataError."""
+def tokenize_rows(
+    tokenizer: Any, located: list[tuple[str, Example]], cfg: DataSection, template: str
+) -> tuple[list[TokenizedRow], TokenizeReport, list[str]]:
+    """Tokenize every example under the overlength policy: (kept rows, counts, one problem per bad row)."""
     report, out, problems = TokenizeReport(), [], []
     for where, example in located:
         try:
@@ -78,6 +78,14 @@ def tokenize_all(
         report.truncated += truncated
         report.trainable_tokens += trainable
         out.append(row)
+    return out, report, problems
+
+
+def tokenize_all(
+    tokenizer: Any, located: list[tuple[str, Example]], cfg: DataSection, template: str, source: str
+) -> tuple[list[TokenizedRow], TokenizeReport]:
+    """tokenize_rows, raising one DataError with every bad row (or when nothing is left to train)."""
+    out, report, problems = tokenize_rows(tokenizer, located, cfg, template)
     if problems:
         raise DataError(source, problems)
     if not out:
@@ -120,4 +128,4 @@ def to_dataset(rows: list[TokenizedRow]):
     return Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
 
 
-__all__ = ["DataError", "Prepared", "load_examples", "prepare_data", "to_dataset", "tokenize_all"]
+__all__ = ["DataError", "Prepared", "load_examples", "prepare_data", "to_dataset", "tokenize_all", "tokenize_rows"]

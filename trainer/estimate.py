@@ -6,8 +6,11 @@ the run's real PEFT config, so the count is PEFT's own. Peak-memory prediction w
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import asdict, dataclass
+
+import yaml
 
 from trainer.config import ConfigError, RunConfig
 
@@ -79,3 +82,15 @@ def estimate_command(config_path: str) -> int:
     print("\n".join(result.lines()))
     print(asdict(result))
     return 0
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate_of_yaml(config_yaml: str) -> Estimate:
+    from trainer.config import validate_config
+
+    return estimate(validate_config(yaml.safe_load(config_yaml)))
+
+
+def estimate_cached(cfg: RunConfig) -> Estimate:
+    """estimate(), remembered per distinct config: the Train tab asks again on every edit."""
+    return _estimate_of_yaml(cfg.to_yaml())

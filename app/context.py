@@ -1,0 +1,43 @@
+"""What every tab shares: the runs dir, the job manager, the live watchers and the summary cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.jobs import JobManager
+from trainer.monitor import Watchers
+from trainer.registry import Job
+from trainer.runs_index import SummaryCache
+
+DEFAULT_EXAMPLE = "examples/tiny-lora.yaml"  # what a fresh page starts with: tiny model + bundled data
+
+
+@dataclass
+class AppContext:
+    runs_dir: Path
+    manager: JobManager
+    example: str | None = DEFAULT_EXAMPLE
+    watchers: Watchers = field(default_factory=Watchers)
+    summaries: SummaryCache = field(default_factory=SummaryCache)
+
+    def run_path(self, run_id: str) -> Path | None:
+        """The directory of a registered run, or None (never a path built from page input)."""
+        job = self.manager.registry.get(run_id) if run_id else None
+        return Path(job.run_dir) if job else None
+
+    def jobs_newest_first(self) -> list[Job]:
+        return list(reversed(self.manager.registry.all()))
+
+    def run_to_watch(self) -> str | None:
+        """What a freshly loaded page monitors: the running job, else the next queued, else the newest."""
+        jobs = self.jobs_newest_first()
+        for state in ("running", "queued"):
+            matching = [j for j in jobs if j.state == state]
+            if matching:
+                return matching[-1].id  # the oldest running/queued one is the one making progress first
+        return jobs[0].id if jobs else None
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.runs_dir / ".downloads"

@@ -1,0 +1,149 @@
+"""The Runs tab: every run in a table; several overlaid and diffed; one opened (config, log, model card,
+adapter zip, rename, delete)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from app import plots
+from app.context import AppContext
+from trainer.jobs import log_tail
+from trainer.runs_index import COLUMNS, config_diff, loss_curves, read_config, zip_adapter
+
+
+def table_rows(ctx: AppContext) -> list[list[Any]]:
+    return [ctx.summaries.get(job).row() for job in ctx.jobs_newest_first()]
+
+
+def compare(ctx: AppContext, run_ids: list[str]) -> tuple[Any, list[list[Any]], list[list[Any]]]:
+    """(overlay figure, config diff rows, throughput/memory rows) of the selected runs."""
+    paths = {r: p for r in run_ids if (p := ctx.run_path(r)) is not None}
+    if not paths:
+        return None, [], []
+    figure = plots.overlay_figure({r: loss_curves(p) for r, p in paths.items()})
+    diff = config_diff({r: read_config(p) for r, p in paths.items()})
+    perf = []
+    for r in paths:
+        job = ctx.manager.registry.get(r)
+        if job is not None:
+            row = ctx.summaries.get(job).row()
+            perf.append(
+                [
+                    r,
+                    row[COLUMNS.index("tokens/s")],
+                    row[COLUMNS.index("peak memory (GB)")],
+                    row[COLUMNS.index("duration")],
+                ]
+            )
+    return figure, diff, perf
+
+
+def open_run(ctx: AppContext, run_id: str | None) -> tuple[str, str, str]:
+    """(config.yaml, train.log tail, model card) of one run."""
+    path = ctx.run_path(run_id) if run_id else None
+    if path is None:
+        return "", "", ""
+
+    def read(rel: str, default: str) -> str:
+        try:
+            return (path / rel).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return default
+
+    card = read("adapter/README.md", "_No model card yet: it is written with the adapter when the run ends._")
+    return read("config.yaml", ""), log_tail(path, 200), card
+
+
+def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+    with gr.Row():
+        refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="runs-table", label="All runs")
+    gr.Markdown(
+        "### Compare runs\nTick two or more runs: their loss curves overlaid, and the config fields that differ."
+    )
+    picks = gr.CheckboxGroup(choices=[], label="Runs to compare", elem_id="compare-runs")
+    overlay = gr.Plot(elem_id="overlay-plot", show_label=False)
+    with gr.Row():
+        diff = gr.Dataframe(label="Config fields that differ", interactive=False, wrap=True, elem_id="config-diff")
+        perf = gr.Dataframe(
+            headers=["run", "tokens/s", "peak memory (GB)", "duration"],
+            label="Throughput and peak memory",
+            interactive=False,
+            elem_id="compare-perf",
+        )
+    gr.Markdown("### Open a run")
+    with gr.Row():
+        opened = gr.Dropdown(choices=[], label="Run", elem_id="open-run", scale=3)
+        download = gr.DownloadButton("Download adapter (.zip)", elem_id="download-adapter", scale=1)
+    with gr.Tabs():
+        with gr.Tab("config.yaml"):
+            config = gr.Code(language="yaml", elem_id="run-config")
+        with gr.Tab("train.log"):
+            log = gr.Code(language=None, elem_id="run-log", max_lines=40)
+        with gr.Tab("Model card"):
+            card = gr.Markdown(elem_id="run-card")
+        with gr.Tab("Rename / delete"):
+            new_name = gr.Textbox(label="New name (letters, digits, . _ -)", elem_id="rename-text")
+            rename = gr.Button("Rename", elem_id="rename-btn")
+            confirm = gr.Checkbox(label="Yes, delete this run's directory and adapter for good", elem_id="delete-ok")
+            delete = gr.Button("Delete run", variant="stop", elem_id="delete-btn")
+    note = gr.Markdown(elem_id="runs-note")
+    seen = gr.State(None)
+    timer = gr.Timer(3.0)
+
+    def refresh_all(last: Any, selected: str | None):
+        rows = table_rows(ctx)
+        if rows == last:
+            return gr.skip(), gr.skip(), gr.skip(), last
+        ids = [r[0] for r in rows]
+        return (
+            rows,
+            gr.CheckboxGroup(choices=ids),
+            gr.Dropdown(choices=ids, value=selected if selected in ids else None),
+            rows,
+        )
+
+    outputs = [table, picks, opened, seen]
+    refresh.click(refresh_all, inputs=[gr.State(None), opened], outputs=outputs)
+    timer.tick(refresh_all, inputs=[seen, opened], outputs=outputs, show_progress="hidden", concurrency_limit=None)
+    demo.load(refresh_all, inputs=[gr.State(None), opened], outputs=outputs)
+
+    picks.change(lambda ids: compare(ctx, ids), inputs=picks, outputs=[overlay, diff, perf])
+    opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=[config, log, card])
+
+    def make_zip(run_id: str | None):
+        path = ctx.run_path(run_id) if run_id else None
+        if path is None:
+            return gr.skip(), "Pick a run first."
+        try:
+            return str(zip_adapter(path, ctx.downloads_dir)), f"Adapter of `{run_id}` zipped."
+        except FileNotFoundError as e:
+            return gr.skip(), str(e)
+
+    opened.change(make_zip, inputs=opened, outputs=[download, note])
+
+    def do_rename(run_id: str | None, name: str):
+        if not run_id:
+            return "Pick a run first."
+        try:
+            ctx.manager.rename(run_id, name.strip())
+        except ValueError as e:
+            return str(e)
+        return f"`{run_id}` is now named {name.strip()!r}."
+
+    rename.click(do_rename, inputs=[opened, new_name], outputs=note)
+
+    def do_delete(run_id: str | None, ok: bool):
+        if not run_id:
+            return "Pick a run first.", gr.skip()
+        if not ok:
+            return "Tick the confirmation box first: deleting removes the run's directory and adapter.", gr.skip()
+        try:
+            ctx.manager.delete(run_id)
+        except (KeyError, ValueError) as e:
+            return str(e), gr.skip()
+        return f"Deleted `{run_id}`.", False
+
+    delete.click(do_delete, inputs=[opened, confirm], outputs=[note, confirm])

@@ -1,0 +1,116 @@
+"""`lora-workbench ui`: build the Gradio app around a runs dir and serve it.
+
+The job queue runs on a thread of this process; training runs in subprocesses that outlive it, so the
+server can be restarted at any time and picks its runs up again (trainer/jobs.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import gradio as gr
+
+from app.context import DEFAULT_EXAMPLE, AppContext
+from app.runs_tab import build_runs_tab
+from app.train_tab import build_train_tab
+from trainer.jobs import JobManager
+from trainer.uploads import UPLOAD_LIMIT_MB
+
+AUTH_ENV = "LORA_WORKBENCH_AUTH"  # USER:PASS
+CSS = ".lwb-progress{margin:4px 0 8px} #estimate{min-height:3em}"
+
+
+class LaunchError(ValueError):
+    """The server refuses to start as asked (e.g. a public address without credentials)."""
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    with gr.Blocks(title="LoRA Workbench", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "## LoRA Workbench\nFine-tune an LLM with LoRA / QLoRA from the browser. Runs live in "
+            f"`{ctx.runs_dir}`; each one is also a `lora-workbench train` config you can run headless."
+        )
+        with gr.Tabs():
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                build_train_tab(demo, ctx)
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                build_runs_tab(demo, ctx)
+    return demo
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise LaunchError("--auth must be USER:PASS (both non-empty)")
+    return user, password
+
+
+def read_auth(auth: str | None, auth_file: str | None) -> tuple[str, str] | None:
+    """Credentials from --auth, else --auth-file (one USER:PASS line), else $LORA_WORKBENCH_AUTH."""
+    if auth:
+        return parse_auth(auth)
+    if auth_file:
+        try:
+            return parse_auth(Path(auth_file).read_text(encoding="utf-8").strip())
+        except OSError as e:
+            raise LaunchError(f"--auth-file {auth_file}: {e.strerror}") from None
+    return parse_auth(os.environ.get(AUTH_ENV))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+def check_exposure(host: str, auth: tuple[str, str] | None, insecure_no_auth: bool) -> None:
+    if not is_loopback(host) and auth is None and not insecure_no_auth:
+        raise LaunchError(
+            f"refusing to serve on {host} without credentials: anyone who can reach it could start jobs. "
+            f"Pass --auth USER:PASS, --auth-file FILE or set {AUTH_ENV}; or --insecure-no-auth if you mean it."
+        )
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    runs_dir: str = "runs",
+    auth: tuple[str, str] | None = None,
+    insecure_no_auth: bool = False,
+    max_running: int = 1,
+    example: str | None = DEFAULT_EXAMPLE,
+) -> None:
+    check_exposure(host, auth, insecure_no_auth)
+    root = Path(runs_dir).resolve()
+    manager = JobManager(root, max_running=max_running)
+    manager.adopt_runs_on_disk()
+    manager.start()
+    ctx = AppContext(runs_dir=root, manager=manager, example=example)
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    print(f"LoRA Workbench on http://{host}:{port} (runs dir {root})", flush=True)
+    try:
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            auth=auth,
+            share=False,
+            show_error=True,
+            allowed_paths=[str(root)],
+            max_file_size=f"{UPLOAD_LIMIT_MB}mb",
+            ssr_mode=False,
+            css=CSS,
+        )
+    finally:
+        manager.shutdown()  # running jobs go on; the next server re-attaches them

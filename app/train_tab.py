@@ -1,0 +1,337 @@
+"""The Train tab: the run form (every RunConfig knob, grouped, with help), the live estimate, the data
+preview, Start/Stop with the queue position, and the live monitor of the watched run."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app import plots
+from app.context import AppContext
+from app.widgets import make_widget
+from trainer.config import ConfigError
+from trainer.data_files import DataError
+from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, preview_data
+from trainer.form import FIELDS, GROUPS, apply_preset, cli_command, config_from_form, default_values
+from trainer.jobs import log_tail
+from trainer.monitor import explain_failure, progress
+from trainer.presets import list_presets, load_preset
+from trainer.uploads import dataset_choices, store_upload
+
+PATHS = ["recipe", "model_preset", *(f.path for f in FIELDS)]
+START_ROW = {"output.run_name"}  # shown next to Start rather than in its group
+COLORS = {TRAINED: "#16a34a", PROMPT: "#cbd5e1", CUT: "#f87171"}
+
+
+def _model_ids() -> list[str]:
+    ids = [(load_preset("models", n).get("model") or {}).get("name_or_path") for n in list_presets("models")]
+    return sorted({i for i in ids if i})
+
+
+def _suggestions(ctx: AppContext) -> dict[str, list[str]]:
+    data = dataset_choices(ctx.runs_dir)
+    return {
+        "model.name_or_path": _model_ids(),
+        "data.source": data,
+        "data.eval_source": data,
+        "adapter.target_modules": ["all-linear", "default", "attention"],
+    }
+
+
+def _problems_md(title: str, problems: list[str], limit: int = 50) -> str:
+    shown = "\n".join(f"- `{p}`" if len(p) < 200 else f"- {p}" for p in problems[:limit])
+    more = f"\n- ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"**{title}**\n\n{shown}{more}"
+
+
+# --- handlers: thin glue between widgets and trainer/ ----------------------------------------------------
+def estimate_md(ctx: AppContext, values: dict[str, Any]) -> str:
+    from trainer.estimate import estimate_cached
+
+    try:
+        cfg = config_from_form(values, str(ctx.runs_dir))
+        est = estimate_cached(cfg)
+    except ConfigError as e:
+        return _problems_md("Fix before starting:", e.problems)
+    a, t = cfg.adapter, cfg.training
+    scale = (
+        f"alpha/sqrt(r) = {a.lora_alpha / a.r**0.5:.3g}"
+        if a.method == "rslora"
+        else f"alpha/r = {a.lora_alpha / a.r:.3g}"
+    )
+    return (
+        f"**Trainable parameters: {est.trainable_params:,}** of {est.total_params:,} "
+        f"(**{est.trainable_percent:.3f}%** of the model) · adapter file **{est.adapter_mb:.2f} MB** "
+        f"({est.adapter_dtype})  \n"
+        f"ΔW = B·A with rank {a.r}, scaled by {scale}; B starts at zero, so step 0 is exactly the base model. "
+        f"Effective batch: {t.per_device_batch_size} × {t.gradient_accumulation_steps} accumulation"
+        f" × {max(cfg.hardware.num_gpus, 1)} GPU(s) = "
+        f"{t.per_device_batch_size * t.gradient_accumulation_steps * max(cfg.hardware.num_gpus, 1)} sequences/step."
+    )
+
+
+def preview_outputs(ctx: AppContext, values: dict[str, Any]) -> tuple[str, list, Any, str]:
+    """(verdict, highlighted rows, length histogram, errors) for the data the form points at."""
+    try:
+        cfg = config_from_form(values, str(ctx.runs_dir))
+    except ConfigError as e:
+        return _problems_md("Fix the config first:", e.problems), [], None, ""
+    p: DataPreview = preview_data(cfg)
+    highlighted: list[tuple[str, str | None]] = []
+    for row in p.rows:
+        highlighted.append((f"\n── {row.where} · {row.tokens} tokens ──\n", None))
+        highlighted.extend(row.segments)
+    hist = plots.length_histogram(p.report.lengths, p.max_length) if p.report and p.report.lengths else None
+    errors = _problems_md(f"{len(p.errors)} row(s) cannot be used ({p.source}):", p.errors) if p.errors else ""
+    return p.verdict(), highlighted, hist, errors
+
+
+def config_preview(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str]:
+    try:
+        cfg = config_from_form(values, str(ctx.runs_dir))
+    except ConfigError as e:
+        return str(e), ""
+    name = cfg.output.run_name or "my-run"
+    cmd = (
+        f"# save the YAML above as {name}.yaml, then:\n{cli_command(f'{name}.yaml')}\n"
+        f"# the UI writes the same file to {ctx.runs_dir}/<run_id>/config.yaml and runs:\n"
+        f"{cli_command(f'{ctx.runs_dir}/<run_id>/config.yaml')}"
+    )
+    return cfg.to_yaml(), cmd
+
+
+def start_run(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str | None]:
+    """Validate config and data, then queue the run; (message, run id or None)."""
+    try:
+        cfg = config_from_form(values, str(ctx.runs_dir))
+    except ConfigError as e:
+        return _problems_md("Not started. Fix these fields:", e.problems), None
+    check = preview_data(cfg, n_rows=0)
+    if check.errors:
+        return _problems_md(f"Not started: the data has problems ({check.source}):", check.errors), None
+    run_id = ctx.manager.submit(cfg)
+    ctx.manager.tick()
+    pos = ctx.manager.queue_position(run_id)
+    where = f"queued at position {pos}" if pos else "started"
+    return f"Run `{run_id}` {where}. Its files: `{ctx.runs_dir / run_id}`", run_id
+
+
+def stop_run(ctx: AppContext, run_id: str | None) -> str:
+    job = ctx.manager.registry.get(run_id) if run_id else None
+    if job is None:
+        return "No run selected."
+    if job.state not in ("queued", "running"):
+        return f"Run `{run_id}` is already {job.state}."
+    ctx.manager.stop(run_id)
+    return f"Stopping `{run_id}`: the trainer finishes its step and saves the adapter."
+
+
+def _progress_html(status: dict[str, Any], queue_pos: int | None) -> str:
+    p = progress(status)
+    text = p.text() + (f" · position {queue_pos} in the queue" if queue_pos else "")
+    color = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a"}.get(p.state, "#2563eb")
+    return (
+        f'<div class="lwb-progress" data-state="{p.state}" data-step="{p.step}">'
+        f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
+        f'<div style="width:{100 * p.fraction:.1f}%;background:{color};height:14px"></div></div>'
+        f'<div id="run-state" style="margin-top:4px">{html.escape(text)}</div></div>'
+    )
+
+
+def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
+    """Everything the monitor shows, or gr.skip() where nothing changed since this page last saw it."""
+    ids = [j.id for j in ctx.jobs_newest_first()]
+    choices_changed = ids != seen.get("ids")
+    dropdown = gr.Dropdown(choices=ids, value=run_id) if choices_changed else gr.skip()
+    path = ctx.run_path(run_id) if run_id else None
+    if path is None:
+        idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
+        return [dropdown, idle, gr.Markdown(visible=False), *[gr.skip()] * 5, {**seen, "ids": ids, "run": None}]
+    watch = ctx.watchers.get(path)
+    if not choices_changed and seen.get("run") == run_id and seen.get("version") == watch.version:
+        return [gr.skip()] * 9
+    s = watch.series
+    log = log_tail(path, 40)
+    failure = explain_failure(watch.status, log)
+    return [
+        dropdown,
+        _progress_html(watch.status, ctx.manager.queue_position(run_id)),
+        gr.Markdown(value=failure or "", visible=failure is not None),
+        plots.loss_figure(s),
+        plots.optim_figure(s),
+        plots.speed_figure(s),
+        plots.memory_figure(s),
+        log,
+        {"ids": ids, "run": run_id, "version": watch.version},
+    ]
+
+
+# --- layout and wiring ------------------------------------------------------------------------------------
+def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+    values = default_values(str(ctx.runs_dir), ctx.example)
+    suggestions = _suggestions(ctx)
+    widgets: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        with gr.Column(scale=5):
+            with gr.Row():
+                widgets["recipe"] = gr.Dropdown(
+                    list_presets("recipes"),
+                    value=values["recipe"],
+                    label="Recipe preset",
+                    info="Fills the adapter/quantization/optimizer knobs of a method (lora, qlora, dora, ...).",
+                    elem_id="f-recipe",
+                )
+                widgets["model_preset"] = gr.Dropdown(
+                    list_presets("models"),
+                    value=values["model_preset"],
+                    label="Model preset",
+                    info="Fills the model id and its layer groups; type any hub id or local path below.",
+                    elem_id="f-model_preset",
+                )
+            for group in GROUPS:
+                with gr.Accordion(group, open=group != "Advanced", elem_id="group-" + group.split()[0].lower()):
+                    with gr.Row(equal_height=False):  # wraps: two or three knobs per line
+                        for f in FIELDS:
+                            if f.group == group and f.path not in START_ROW:
+                                widgets[f.path] = make_widget(f, values[f.path], suggestions.get(f.path))
+                    if group == "Data":
+                        data_ui = _data_preview_block()
+        with gr.Column(scale=6):
+            estimate = gr.Markdown(elem_id="estimate")
+            with gr.Row(equal_height=True):
+                run_name = next(f for f in FIELDS if f.path == "output.run_name")
+                widgets[run_name.path] = make_widget(run_name, values[run_name.path])
+                start = gr.Button("Start", variant="primary", elem_id="start-btn")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                show = gr.Button("Preview config", elem_id="preview-config-btn")
+            message = gr.Markdown(elem_id="start-msg")
+            with gr.Accordion("Config preview: the exact config.yaml and the command that runs it", open=False):
+                config_yaml = gr.Code(language="yaml", label="config.yaml", elem_id="config-yaml")
+                config_cli = gr.Code(language="shell", label="command line", elem_id="config-cli")
+            monitor = _monitor_block()
+
+    form = [widgets[p] for p in PATHS]
+
+    def as_values(args: tuple) -> dict[str, Any]:
+        return dict(zip(PATHS, args, strict=True))
+
+    gr.on(
+        [w.change for w in form],
+        lambda *a: estimate_md(ctx, as_values(a)),
+        inputs=form,
+        outputs=estimate,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
+    for key, kind in (("recipe", "recipes"), ("model_preset", "models")):
+        widgets[key].input(
+            lambda name, *a, kind=kind: [apply_preset(as_values(a), kind, name)[p] for p in PATHS[2:]],
+            inputs=[widgets[key], *form],
+            outputs=form[2:],
+        )
+
+    data_outputs = [data_ui["verdict"], data_ui["rows"], data_ui["hist"], data_ui["errors"]]
+    preview = {"fn": lambda *a: preview_outputs(ctx, as_values(a)), "inputs": form, "outputs": data_outputs}
+    data_ui["button"].click(**preview)
+    gr.on([widgets[p].input for p in ("data.source", "data.format", "data.max_length", "data.overlength")], **preview)
+
+    def on_upload(file: str | None, *a: Any):
+        if not file:
+            return gr.skip(), *[gr.skip()] * 4
+        try:
+            stored = store_upload(Path(file), Path(file).name, ctx.runs_dir)
+        except DataError as e:
+            return gr.skip(), _problems_md(f"Upload refused ({e.source}):", e.problems), [], None, ""
+        vals = {**as_values(a), "data.source": str(stored)}
+        choices = dataset_choices(ctx.runs_dir)
+        return gr.Dropdown(choices=choices, value=str(stored)), *preview_outputs(ctx, vals)
+
+    data_ui["upload"].upload(
+        on_upload, inputs=[data_ui["upload"], *form], outputs=[widgets["data.source"], *data_outputs]
+    )
+
+    show.click(lambda *a: config_preview(ctx, as_values(a)), inputs=form, outputs=[config_yaml, config_cli])
+
+    def on_start(*a: Any):
+        msg, run_id = start_run(ctx, as_values(a))
+        if run_id is None:
+            return msg, gr.skip(), gr.skip()
+        ids = [j.id for j in ctx.jobs_newest_first()]
+        return msg, gr.Dropdown(choices=ids, value=run_id), {"ids": ids, "run": None, "version": -1}
+
+    start.click(on_start, inputs=form, outputs=[message, monitor["run"], monitor["seen"]])
+    stop.click(lambda run_id: stop_run(ctx, run_id), inputs=monitor["run"], outputs=message)
+
+    outs = [monitor[k] for k in ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen")]
+    monitor["timer"].tick(
+        lambda run_id, seen: monitor_update(ctx, run_id, seen),
+        inputs=[monitor["run"], monitor["seen"]],
+        outputs=outs,
+        concurrency_limit=None,  # read-only and cheap: every open page ticks without waiting for the others
+        show_progress="hidden",
+    )
+    monitor["run"].input(lambda s: {**s, "version": -1}, inputs=monitor["seen"], outputs=monitor["seen"])
+
+    def on_load(*a: Any):
+        run_id = ctx.run_to_watch()
+        ids = [j.id for j in ctx.jobs_newest_first()]
+        return (
+            gr.Dropdown(choices=ids, value=run_id),
+            {"ids": ids, "run": None, "version": -1},
+            estimate_md(ctx, as_values(a)),
+            *preview_outputs(ctx, as_values(a)),
+        )
+
+    demo.load(on_load, inputs=form, outputs=[monitor["run"], monitor["seen"], estimate, *data_outputs])
+
+
+def _data_preview_block() -> dict[str, Any]:
+    with gr.Row():
+        upload = gr.UploadButton(
+            "Upload a dataset (JSON, JSONL, CSV, Parquet)",
+            file_types=[".json", ".jsonl", ".csv", ".parquet"],
+            file_count="single",
+            elem_id="upload-data",
+        )
+        button = gr.Button("Preview data", elem_id="preview-data-btn")
+    verdict = gr.Markdown(elem_id="data-verdict")
+    errors = gr.Markdown(elem_id="data-errors")
+    rows = gr.HighlightedText(
+        label="First rows through the chat template: green is trained on, grey is masked prompt, red is cut",
+        color_map=COLORS,
+        show_legend=True,
+        combine_adjacent=False,
+        show_inline_category=False,
+        elem_id="data-rows",
+    )
+    hist = gr.Plot(label="Token lengths", elem_id="data-hist")
+    return {"upload": upload, "button": button, "verdict": verdict, "errors": errors, "rows": rows, "hist": hist}
+
+
+def _monitor_block() -> dict[str, Any]:
+    gr.Markdown("### Live monitor")
+    run = gr.Dropdown(label="Watching run", choices=[], allow_custom_value=False, elem_id="watch-run")
+    progress_html = gr.HTML(elem_id="progress")
+    error = gr.Markdown(visible=False, elem_id="error-panel")
+    with gr.Row():
+        loss = gr.Plot(elem_id="loss-plot", show_label=False)
+        optim = gr.Plot(elem_id="optim-plot", show_label=False)
+    with gr.Row():
+        speed = gr.Plot(elem_id="speed-plot", show_label=False)
+        memory = gr.Plot(elem_id="memory-plot", show_label=False)
+    log = gr.Code(label="train.log (last lines)", language=None, lines=10, max_lines=20, elem_id="log-tail")
+    return {
+        "run": run,
+        "progress": progress_html,
+        "error": error,
+        "loss": loss,
+        "optim": optim,
+        "speed": speed,
+        "memory": memory,
+        "log": log,
+        "seen": gr.State({"ids": None, "run": None, "version": -1}),
+        "timer": gr.Timer(1.0),
+    }

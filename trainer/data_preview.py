@@ -1,0 +1,130 @@
+"""What the Train tab shows before a run: the first rows as the model will see them (trained vs masked
+tokens), the token-length distribution against max_length, and every row that cannot be used, by line.
+
+It runs the same reading, conversion and tokenization as training (trainer/data.py), with the tokenizer
+only: no model weights are loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.config import RunConfig
+from trainer.data import load_examples, tokenize_rows
+from trainer.data_files import DataError
+from trainer.data_formats import Example
+from trainer.tokenization import TemplateError, TokenizeReport, chat_template_of, render_with_spans
+
+TRAINED, PROMPT, CUT = "trained", "prompt (masked)", "cut (over max_length)"
+
+
+@dataclass
+class PreviewRow:
+    where: str
+    segments: list[tuple[str, str]]  # (text, TRAINED | PROMPT | CUT), in order
+    tokens: int
+
+
+@dataclass
+class DataPreview:
+    source: str
+    format: str | None
+    max_length: int
+    overlength: str
+    rows: list[PreviewRow] = field(default_factory=list)
+    report: TokenizeReport | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def over_limit(self) -> int:
+        return sum(n > self.max_length for n in self.report.lengths) if self.report else 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.report is not None and self.report.trainable_tokens > 0
+
+    def verdict(self) -> str:
+        """A markdown summary: usable or not, and what happens to rows longer than max_length."""
+        if self.report is None:
+            return f"**Cannot use {self.source}**"
+        r = self.report
+        head = "**Data OK**" if self.ok else f"**{len(self.errors)} row(s) cannot be used**"
+        over = {
+            "truncate": f"{self.over_limit} row(s) exceed max_length {self.max_length} and will be truncated",
+            "drop": f"{self.over_limit} row(s) exceed max_length {self.max_length} and will be dropped",
+            "error": f"{self.over_limit} row(s) exceed max_length {self.max_length} (overlength: error)",
+        }[self.overlength]
+        return (
+            f"{head}: {r.rows} rows read as **{self.format}** from `{self.source}`; {over}; "
+            f"{r.dropped_no_trainable} dropped with no trainable tokens; {r.trainable_tokens:,} trainable tokens."
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_for(cfg: RunConfig):
+    """The run's tokenizer (cached between previews); raises DataError naming the model when it cannot load."""
+    from trainer.models import model_path
+
+    path = model_path(cfg)
+    try:
+        return _tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
+    except Exception as e:  # offline hub id, missing files, bad repo: all reported the same way
+        raise DataError(path, [f"model.name_or_path: cannot load its tokenizer ({type(e).__name__}: {e})"]) from None
+
+
+def segments_of(tokenizer: Any, example: Example, template: str, max_length: int) -> tuple[list[tuple[str, str]], int]:
+    """The rendered example split into trained / masked / cut text, and its token count."""
+    if "text" in example:
+        text, spans = example["text"], [(0, len(example["text"]))]
+    else:
+        text, spans = render_with_spans(tokenizer, example["messages"], template)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cut_at = offsets[max_length - 1][1] if len(offsets) > max_length else len(text)
+
+    def label(i: int) -> str:
+        if i >= cut_at:
+            return CUT
+        return TRAINED if any(s <= i < e for s, e in spans) else PROMPT
+
+    segments: list[tuple[str, str]] = []
+    for i, ch in enumerate(text):
+        lab = label(i)
+        if segments and segments[-1][1] == lab:
+            segments[-1] = (segments[-1][0] + ch, lab)
+        else:
+            segments.append((ch, lab))
+    return segments, len(offsets)
+
+
+def preview_data(cfg: RunConfig, n_rows: int = 3) -> DataPreview:
+    """Read and tokenize cfg.data.source as training would; never raises for bad data, it lists it."""
+    d = cfg.data
+    out = DataPreview(source=d.source, format=None, max_length=d.max_length, overlength=d.overlength)
+    try:
+        out.source, out.format, located = load_examples(d.source, d)
+        tok = tokenizer_for(cfg)
+    except DataError as e:
+        out.source, out.errors = e.source, e.problems
+        return out
+    template = chat_template_of(tok, cfg.model.chat_template)
+    _, out.report, out.errors = tokenize_rows(tok, located, d, template)
+    for where, example in located:
+        if len(out.rows) == n_rows:
+            break
+        try:
+            segments, tokens = segments_of(tok, example, template, d.max_length)
+        except TemplateError:
+            continue  # already listed in out.errors
+        out.rows.append(PreviewRow(where, segments, tokens))
+    return out

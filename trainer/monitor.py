@@ -1,0 +1,178 @@
+"""Live view of one run for the UI: series built incrementally from metrics.jsonl, progress and ETA from
+status.json, and a readable explanation when a run fails.
+
+One RunWatch per run is shared by every browser session watching it (Watchers), so ten open pages cost
+one incremental read per tick, not ten re-parses of the whole file.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.metrics_reader import MetricsTail
+from trainer.run_dir import FINAL_STATES, read_status
+
+MEMORY_KEYS = ("gpu_mem_allocated_gb", "gpu_mem_reserved_gb", "gpu_mem_peak_gb", "gpu_mem_total_gb", "cpu_rss_gb")
+
+
+@dataclass
+class Series:
+    """Column lists per metric kind, ready to plot."""
+
+    train: dict[str, list] = field(default_factory=lambda: {k: [] for k in _TRAIN_KEYS})
+    eval: dict[str, list] = field(default_factory=lambda: {"step": [], "eval_loss": []})
+    system: dict[str, list] = field(default_factory=lambda: {k: [] for k in _SYSTEM_KEYS})
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, line: dict[str, Any]) -> None:
+        kind = line.get("kind")
+        if kind == "event":
+            self.events.append(line)
+            return
+        columns = {"train": self.train, "eval": self.eval, "system": self.system}.get(kind)
+        if columns is None or (kind == "eval" and "eval_loss" not in line):
+            return
+        for key, values in columns.items():
+            values.append(line.get(key))
+
+
+_TRAIN_KEYS = ("step", "time", "loss", "learning_rate", "grad_norm", "tokens_per_second")
+_SYSTEM_KEYS = ("step", "time", *MEMORY_KEYS, "gpu_util_percent")
+
+
+class RunWatch:
+    """The live state of one run directory; poll() reads only what was appended since the last poll."""
+
+    def __init__(self, run_path: Path):
+        self.path = run_path
+        self._tail = MetricsTail(run_path / "metrics.jsonl")
+        self.series = Series()
+        self.status: dict[str, Any] = {}
+        self.version = 0  # bumps whenever something a page shows changed
+        self._status_mtime: int | None = None
+
+    def poll(self) -> bool:
+        changed = False
+        for line in self._tail.poll():
+            self.series.add(line)
+            changed = True
+        try:
+            mtime = (self.path / "status.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._status_mtime:
+            self._status_mtime = mtime
+            self.status = read_status(self.path) or {}
+            changed = True
+        self.version += changed
+        return changed
+
+
+class Watchers:
+    """RunWatch objects shared between sessions, polled at most once per `min_interval_s` each."""
+
+    def __init__(self, min_interval_s: float = 0.25, capacity: int = 32):
+        self._watches: dict[Path, tuple[RunWatch, float]] = {}
+        self._lock = threading.Lock()
+        self.min_interval_s, self.capacity = min_interval_s, capacity
+
+    def get(self, run_path: Path) -> RunWatch:
+        now = time.monotonic()
+        with self._lock:
+            watch, last = self._watches.pop(run_path, (None, 0.0))
+            if watch is None:
+                watch = RunWatch(run_path)
+            if now - last >= self.min_interval_s:
+                watch.poll()
+                last = now
+            self._watches[run_path] = (watch, last)  # re-inserted last: the dict keeps recency order
+            while len(self._watches) > self.capacity:
+                self._watches.pop(next(iter(self._watches)))
+            return watch
+
+
+def ema(values: list[float | None], weight: float = 0.8) -> list[float | None]:
+    """TensorBoard-style smoothing with bias correction; gaps (None/NaN) stay gaps."""
+    out, acc, n = [], 0.0, 0
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(None)
+            continue
+        acc, n = weight * acc + (1 - weight) * v, n + 1
+        out.append(acc / (1 - weight**n))
+    return out
+
+
+@dataclass(frozen=True)
+class Progress:
+    state: str
+    step: int
+    max_steps: int
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps > 0 else 0.0
+
+    def text(self) -> str:
+        eta = f", ETA {_duration(self.eta_s)}" if self.eta_s is not None and self.state == "running" else ""
+        steps = f"step {self.step}/{self.max_steps}" if self.max_steps > 0 else f"step {self.step}"
+        return f"{self.state}: {steps} ({100 * self.fraction:.0f}%), elapsed {_duration(self.elapsed_s)}{eta}"
+
+
+def progress(status: dict[str, Any], now: float | None = None) -> Progress:
+    """Step, elapsed and ETA (from the mean step time so far) of a run's status.json."""
+    now = time.time() if now is None else now
+    state = status.get("state", "queued")
+    step, max_steps = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    started = status.get("started_at")
+    end = status.get("ended_at") if state in FINAL_STATES else None
+    elapsed = max(0.0, (end or now) - started) if started else 0.0
+    eta = elapsed / step * (max_steps - step) if step > 0 and max_steps >= step else None
+    return Progress(state, step, max_steps, elapsed, eta)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+OOM_ADVICE = (
+    "The run needed more memory than the device has. Ways to fit it, most effective first:\n"
+    "- **4-bit QLoRA**: recipe `qlora` (quantization 4bit, NF4, double quant) stores the base in ~0.5 byte/param.\n"
+    "- **Smaller batch, more accumulation**: halve `per_device_batch_size` and double "
+    "`gradient_accumulation_steps`; the effective batch stays the same.\n"
+    "- **Gradient checkpointing** on: activations are recomputed in the backward pass instead of stored.\n"
+    "- **Shorter `max_length`**: activation memory grows with sequence length.\n"
+    "- A paged optimizer (`paged_adamw_8bit`) absorbs short memory spikes."
+)
+NAN_ADVICE = (
+    "The loss or gradient norm became NaN/inf: training diverged. Lower `learning_rate` (2e-4 is a safe start "
+    "for adapters), keep `max_grad_norm` > 0, and prefer bf16 or fp32 over fp16."
+)
+DATA_ADVICE = "The data could not be used as given. Fix the rows named above (file and line), then start again."
+
+
+def explain_failure(status: dict[str, Any], log_tail: str = "") -> str | None:
+    """Markdown for a failed run: the error, what it means, and what to change. None if it did not fail."""
+    if status.get("state") != "failed":
+        return None
+    error = str(status.get("error") or "the run failed without an error message")
+    low = (error + "\n" + log_tail[-4000:]).lower()
+    if "out of memory" in low or "outofmemoryerror" in low:
+        title, advice = "Out of memory", OOM_ADVICE
+    elif "became nan" in low or "became inf" in low or "diverged" in low:
+        title, advice = "Loss became NaN", NAN_ADVICE
+    elif error.startswith("bad data in") or "invalid config" in error:
+        title, advice = "Bad input", DATA_ADVICE if error.startswith("bad data") else "Fix the fields named above."
+    else:
+        title, advice = "The run failed", "The log below shows where; the last lines usually name the cause."
+    return f"### {title}\n\n```\n{error.strip()}\n```\n\n{advice}"
