@@ -129,12 +129,12 @@ def stop_run(ctx: AppContext, run_id: str | None) -> str:
     return f"Stopping `{run_id}`: the trainer finishes its step and saves the adapter."
 
 
-def _progress_html(status: dict[str, Any], queue_pos: int | None) -> str:
+def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None) -> str:
     p = progress(status)
     text = p.text() + (f" · position {queue_pos} in the queue" if queue_pos else "")
     color = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a"}.get(p.state, "#2563eb")
     return (
-        f'<div class="lwb-progress" data-state="{p.state}" data-step="{p.step}">'
+        f'<div class="lwb-progress" data-run="{html.escape(run_id)}" data-state="{p.state}" data-step="{p.step}">'
         f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
         f'<div style="width:{100 * p.fraction:.1f}%;background:{color};height:14px"></div></div>'
         f'<div id="run-state" style="margin-top:4px">{html.escape(text)}</div></div>'
@@ -158,7 +158,7 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) ->
     failure = explain_failure(watch.status, log)
     return [
         dropdown,
-        _progress_html(watch.status, ctx.manager.queue_position(run_id)),
+        _progress_html(run_id, watch.status, ctx.manager.queue_position(run_id)),
         gr.Markdown(value=failure or "", visible=failure is not None),
         plots.loss_figure(s),
         plots.optim_figure(s),

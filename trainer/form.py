@@ -116,14 +116,23 @@ def _get(cfg: dict[str, Any], path: str) -> Any:
 def to_widget(field: FormField, value: Any) -> Any:
     """A config value as its widget holds it (YAML text for lists/dicts, '' for an unset text)."""
     if field.kind == "yaml":
-        if isinstance(value, str):
+        if isinstance(value, str) and _reads_back(value):
             return value
+        if isinstance(value, str):  # e.g. a regex such as '[qv]_proj': quoted, so it reads back as this string
+            return yaml.safe_dump(value, default_style="'", width=10**6).strip()
         return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip() if value else ""
     if field.kind == "text" and value is None:
         return ""
     if field.kind == "int" and field.optional and value is None:
         return 0
     return value
+
+
+def _reads_back(text: str) -> bool:
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
 
 
 def form_values(cfg: RunConfig) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class Watchers:
     def get(self, run_path: Path) -> RunWatch:
         now = time.monotonic()
         with self._lock:
-            watch, last = self._watches.pop(run_path, (None, 0.0))
+            watch, last = self._watches.pop(run_path, (None, -math.inf))  # a new watch polls at once
             if watch is None:
                 watch = RunWatch(run_path)
             if now - last >= self.min_interval_s:
