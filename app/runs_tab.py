@@ -17,13 +17,13 @@ def table_rows(ctx: AppContext) -> list[list[Any]]:
     return [ctx.summaries.get(job).row() for job in ctx.jobs_newest_first()]
 
 
-def compare(ctx: AppContext, run_ids: list[str]) -> tuple[Any, list[list[Any]], list[list[Any]]]:
+def compare(ctx: AppContext, run_ids: list[str]) -> tuple[Any, dict[str, Any], list[list[Any]]]:
     """(overlay figure, config diff rows, throughput/memory rows) of the selected runs."""
     paths = {r: p for r in run_ids if (p := ctx.run_path(r)) is not None}
     if not paths:
-        return None, [], []
+        return None, {"headers": ["field"], "data": []}, []
     figure = plots.overlay_figure({r: loss_curves(p) for r, p in paths.items()})
-    diff = config_diff({r: read_config(p) for r, p in paths.items()})
+    diff = {"headers": ["field", *paths], "data": config_diff({r: read_config(p) for r, p in paths.items()})}
     perf = []
     for r in paths:
         job = ctx.manager.registry.get(r)
@@ -66,7 +66,9 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     picks = gr.CheckboxGroup(choices=[], label="Runs to compare", elem_id="compare-runs")
     overlay = gr.Plot(elem_id="overlay-plot", show_label=False)
     with gr.Row():
-        diff = gr.Dataframe(label="Config fields that differ", interactive=False, wrap=True, elem_id="config-diff")
+        diff = gr.Dataframe(
+            headers=["field"], label="Config fields that differ", interactive=False, wrap=True, elem_id="config-diff"
+        )
         perf = gr.Dataframe(
             headers=["run", "tokens/s", "peak memory (GB)", "duration"],
             label="Throughput and peak memory",

@@ -141,18 +141,32 @@ def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None) -
     )
 
 
+FAST_S, IDLE_S = 1.0, 5.0  # monitor refresh: while a job is queued/running, and otherwise
+
+
 def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
-    """Everything the monitor shows, or gr.skip() where nothing changed since this page last saw it."""
-    ids = [j.id for j in ctx.jobs_newest_first()]
+    """Everything the monitor shows, or gr.skip() where nothing changed since this page last saw it.
+    Outputs: run dropdown, progress, error panel, 4 plots, log, seen-state, timer."""
+    jobs = ctx.jobs_newest_first()
+    ids = [j.id for j in jobs]
+    interval = FAST_S if any(j.state in ("queued", "running") for j in jobs) else IDLE_S
+    timer = gr.Timer(value=interval) if interval != seen.get("interval") else gr.skip()
     choices_changed = ids != seen.get("ids")
+    if not run_id and (run_id := ctx.run_to_watch()):  # a page watching nothing follows the first run that appears
+        choices_changed = True
     dropdown = gr.Dropdown(choices=ids, value=run_id) if choices_changed else gr.skip()
     path = ctx.run_path(run_id) if run_id else None
+    version = ctx.watchers.get(path).version if path else "none"
+    unchanged = not choices_changed and seen.get("run") == run_id and seen.get("version") == version
+    if unchanged and seen.get("interval") == interval:
+        return [gr.skip()] * 10
+    new_seen = {"ids": ids, "run": run_id, "version": version, "interval": interval}
     if path is None:
         idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
-        return [dropdown, idle, gr.Markdown(visible=False), *[gr.skip()] * 5, {**seen, "ids": ids, "run": None}]
+        return [dropdown, idle, gr.Markdown(visible=False), *[gr.skip()] * 5, new_seen, timer]
+    if unchanged:
+        return [*[gr.skip()] * 8, new_seen, timer]
     watch = ctx.watchers.get(path)
-    if not choices_changed and seen.get("run") == run_id and seen.get("version") == watch.version:
-        return [gr.skip()] * 9
     s = watch.series
     log = log_tail(path, 40)
     failure = explain_failure(watch.status, log)
@@ -165,7 +179,8 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) ->
         plots.speed_figure(s),
         plots.memory_figure(s),
         log,
-        {"ids": ids, "run": run_id, "version": watch.version},
+        new_seen,
+        timer,
     ]
 
 
@@ -258,14 +273,17 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     def on_start(*a: Any):
         msg, run_id = start_run(ctx, as_values(a))
         if run_id is None:
-            return msg, gr.skip(), gr.skip()
+            return msg, gr.skip(), gr.skip(), gr.skip()
         ids = [j.id for j in ctx.jobs_newest_first()]
-        return msg, gr.Dropdown(choices=ids, value=run_id), {"ids": ids, "run": None, "version": -1}
+        seen = {"ids": ids, "run": None, "version": -1, "interval": FAST_S}
+        return msg, gr.Dropdown(choices=ids, value=run_id), seen, gr.Timer(value=FAST_S)
 
-    start.click(on_start, inputs=form, outputs=[message, monitor["run"], monitor["seen"]])
+    start.click(on_start, inputs=form, outputs=[message, monitor["run"], monitor["seen"], monitor["timer"]])
     stop.click(lambda run_id: stop_run(ctx, run_id), inputs=monitor["run"], outputs=message)
 
-    outs = [monitor[k] for k in ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen")]
+    outs = [
+        monitor[k] for k in ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen", "timer")
+    ]
     monitor["timer"].tick(
         lambda run_id, seen: monitor_update(ctx, run_id, seen),
         inputs=[monitor["run"], monitor["seen"]],
@@ -280,7 +298,7 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         ids = [j.id for j in ctx.jobs_newest_first()]
         return (
             gr.Dropdown(choices=ids, value=run_id),
-            {"ids": ids, "run": None, "version": -1},
+            {"ids": ids, "run": None, "version": -1, "interval": FAST_S},
             estimate_md(ctx, as_values(a)),
             *preview_outputs(ctx, as_values(a)),
         )
@@ -332,6 +350,6 @@ def _monitor_block() -> dict[str, Any]:
         "speed": speed,
         "memory": memory,
         "log": log,
-        "seen": gr.State({"ids": None, "run": None, "version": -1}),
-        "timer": gr.Timer(1.0),
+        "seen": gr.State({"ids": None, "run": None, "version": -1, "interval": FAST_S}),
+        "timer": gr.Timer(FAST_S),
     }

@@ -8,88 +8,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.browser_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LOSS_POINTS_JS,
+    Server,
+    kill_leftover_trainers,
+    set_number,
+)
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)"),
 ]
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright wheel")
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-CHROMIUM_ARGS.append("--disable-sync")
-LOSS_POINTS_JS = "() => document.querySelector('#loss-plot .js-plotly-plot')?.data?.[0]?.x?.length ?? 0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `lora-workbench ui` process on a free port, over one runs dir; can be killed and restarted."""
-
-    def __init__(self, runs_dir: Path, log: Path):
-        self.runs_dir, self.log, self.port = runs_dir, log, _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        argv = [sys.executable, "-m", "trainer", "ui", "--port", str(self.port), "--runs-dir", str(self.runs_dir)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"UI server did not answer: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """kill -9, as a crash would: its training subprocesses are in their own sessions and live on."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def _kill_leftover_trainers(runs_dir: Path) -> None:
-    for status_file in runs_dir.glob("*/status.json"):
-        pid = json.loads(status_file.read_text()).get("pid")
-        if pid and json.loads(status_file.read_text()).get("state") == "running":
-            try:
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.start()
     yield srv
     srv.stop()
-    _kill_leftover_trainers(srv.runs_dir)
+    kill_leftover_trainers(srv.runs_dir)
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +62,6 @@ def open_app(page, server: Server) -> None:
     page.goto(server.url)
     page.wait_for_selector("#start-btn")
     page.wait_for_function("() => document.querySelector('#estimate')?.innerText.includes('Trainable parameters')")
-
-
-def set_number(page, path: str, value: int | float) -> None:
-    box = page.locator(f"#f-{path.replace('.', '-')} input")
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def run_state(page, run_id: str) -> tuple[str | None, int]:
@@ -230,13 +163,37 @@ def test_runs_tab_overlays_two_runs(page, server: Server) -> None:
     wait_until(lambda: run_state(page, first)[0] == "completed", 120, "first run")
     second = start_from_page(page, training__max_steps=30, adapter__r=4)
     wait_until(lambda: run_state(page, second)[0] == "completed", 120, "second run")
-    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("tab", name="Runs", exact=True).click()
     page.wait_for_function(f"() => document.querySelector('#runs-table')?.innerText.includes('{second}')")
     for run_id in (first, second):
         page.locator("#compare-runs label", has_text=run_id).click()
     names_js = "() => (document.querySelector('#overlay-plot .js-plotly-plot')?.data || []).map(t => t.name).join('|')"
     wait_until(lambda: first in page.evaluate(names_js) and second in page.evaluate(names_js), 30, "overlay")
     page.wait_for_function("() => document.querySelector('#config-diff')?.innerText.includes('adapter.r')")
+
+
+def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> None:
+    open_app(page, server)
+    run_id = start_from_page(page, training__max_steps=100000, training__logging_steps=5)
+    wait_until(lambda: run_state(page, run_id)[1] > 20, 120, "the run to make steps")
+    page.get_by_role("tab", name="Runs", exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#runs-table')?.innerText.includes('{run_id}')")
+    finished = sorted(p.name for p in server.runs_dir.iterdir() if (p / "adapter" / "adapter_config.json").is_file())
+    assert finished, "the tests above leave finished runs in this server's runs dir"
+    for other in finished[-2:]:  # overlaid while another run trains: the README's screenshot
+        page.locator("#compare-runs label", has_text=other).click()
+    page.wait_for_function(f"() => document.querySelector('#config-diff')?.innerText.includes('{finished[-1]}')")
+    screenshot(page, "runs-tab.png")
+    page.locator("#open-run input").click()
+    page.get_by_role("option", name=finished[0]).click()
+    page.wait_for_function("() => document.querySelector('#run-config')?.innerText.includes('adapter')")
+    with page.expect_download() as download:
+        page.click("#download-adapter")
+    names = zipfile.ZipFile(download.value.path()).namelist()
+    assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+    page.get_by_role("tab", name="Train", exact=True).click()
+    page.click("#stop-btn")
+    wait_until(lambda: run_state(page, run_id)[0] == "stopped", 90, "the run to stop")
 
 
 def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) -> None:
@@ -253,9 +210,6 @@ def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) ->
         assert page.locator("#watch-run input").input_value() == run_id
         step_before = run_state(page, run_id)[1]
         wait_until(lambda: run_state(page, run_id)[1] > step_before, 60, "steps after reload")
-        page.get_by_role("tab", name="Runs").click()
-        page.wait_for_function(f"() => document.querySelector('#runs-table')?.innerText.includes('{run_id}')")
-        screenshot(page, "runs-tab.png")
 
         srv.kill()  # the server dies; the training subprocess does not
         trainer_pid = json.loads((srv.runs_dir / run_id / "status.json").read_text())["pid"]
@@ -272,4 +226,4 @@ def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) ->
         assert (srv.runs_dir / run_id / "adapter" / "adapter_config.json").is_file()
     finally:
         srv.stop()
-        _kill_leftover_trainers(srv.runs_dir)
+        kill_leftover_trainers(srv.runs_dir)
