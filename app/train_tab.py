@@ -156,7 +156,8 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) ->
         choices_changed = True
     dropdown = gr.Dropdown(choices=ids, value=run_id) if choices_changed else gr.skip()
     path = ctx.run_path(run_id) if run_id else None
-    version = ctx.watchers.get(path).version if path else "none"
+    watch = ctx.watchers.get(path) if path else None
+    version = watch.version if watch else "none"
     unchanged = not choices_changed and seen.get("run") == run_id and seen.get("version") == version
     if unchanged and seen.get("interval") == interval:
         return [gr.skip()] * 10
@@ -166,7 +167,6 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) ->
         return [dropdown, idle, gr.Markdown(visible=False), *[gr.skip()] * 5, new_seen, timer]
     if unchanged:
         return [*[gr.skip()] * 8, new_seen, timer]
-    watch = ctx.watchers.get(path)
     s = watch.series
     log = log_tail(path, 40)
     failure = explain_failure(watch.status, log)

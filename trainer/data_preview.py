@@ -11,6 +11,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from trainer.config import RunConfig
 from trainer.data import load_examples, tokenize_rows
 from trainer.data_files import DataError
@@ -63,13 +65,12 @@ class DataPreview:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, revision: str | None, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+def _tokenizer(config_yaml: str, path: str):
+    """models.load_tokenizer, remembered per (config, path): the preview runs again on every data edit."""
+    from trainer.config import validate_config
+    from trainer.models import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(validate_config(yaml.safe_load(config_yaml)), path)
 
 
 def tokenizer_for(cfg: RunConfig):
@@ -78,7 +79,8 @@ def tokenizer_for(cfg: RunConfig):
 
     path = model_path(cfg)
     try:
-        return _tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
+        model_only = RunConfig(model=cfg.model).to_yaml()  # only the model section decides the tokenizer
+        return _tokenizer(model_only, path)
     except Exception as e:  # offline hub id, missing files, bad repo: all reported the same way
         raise DataError(path, [f"model.name_or_path: cannot load its tokenizer ({type(e).__name__}: {e})"]) from None
 
