@@ -61,3 +61,39 @@ def only_run(runs_dir: Path) -> Path:
     runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    """Train the tiny model once per session per method (lora, dora, qlora, ...); returns the run directory."""
+    from trainer.train import run_training
+
+    cache: dict[str, Path] = {}
+
+    def _train(method: str = "lora") -> Path:
+        if method in cache:
+            return cache[method]
+        root = tmp_path_factory.mktemp(f"trained-{method}")
+        recipe = {"recipe": "qlora"} if method == "qlora" else {"adapter": {"method": method}}
+        cfg = {
+            "model_preset": "tiny",
+            "model": {"name_or_path": str(tiny_model)},
+            "adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+            "data": {"source": str(ROOT / "data/sentiment_train.jsonl"), "max_length": 64, "max_samples": 128},
+            "training": {
+                "max_steps": 30,
+                "learning_rate": 5e-3,
+                "per_device_batch_size": 8,
+                "gradient_checkpointing": False,
+                "logging_steps": 10,
+                "save_steps": 1000,
+            },
+            "output": {"runs_dir": str(root / "runs"), "run_name": method},
+        }
+        path = root / "cfg.yaml"
+        path.write_text(yaml.safe_dump(deep_merge(recipe, cfg)))
+        assert run_training(str(path)) == 0
+        cache[method] = only_run(root / "runs")
+        return cache[method]
+
+    return _train

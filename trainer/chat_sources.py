@@ -1,0 +1,58 @@
+"""What the chat and export tabs can pick from: finished runs' adapters, a running run's newest checkpoint,
+or a directory the user types (allowed only inside the runs dir or the working directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.adapter_source import AdapterError
+from trainer.registry import Job
+from trainer.runs_index import read_config
+
+
+def run_adapter(run_path: Path) -> Path | None:
+    """A run's adapter to use: the final adapter/, or the newest complete checkpoint while it trains."""
+    from trainer.callbacks import latest_complete_checkpoint
+
+    if (run_path / "adapter" / "adapter_config.json").is_file():
+        return run_path / "adapter"
+    return latest_complete_checkpoint(run_path / "checkpoints")
+
+
+def adapter_choices(jobs: list[Job]) -> list[tuple[str, str]]:
+    """(label, adapter dir) for every training run that has an adapter or a checkpoint, newest first."""
+    choices = []
+    for job in sorted(jobs, key=lambda j: j.seq, reverse=True):
+        if job.kind != "train" or job.state == "queued":
+            continue
+        path = run_adapter(Path(job.run_dir))
+        if path is None:
+            continue
+        method = read_config(Path(job.run_dir)).get("adapter", {}).get("method", "?")
+        where = "" if path.name == "adapter" else f" @ {path.name}"
+        choices.append((f"{job.name or job.id}{where} ({method}, {job.state})", str(path)))
+    return choices
+
+
+def resolve_user_dir(text: str, roots: list[Path], what: str = "adapter directory") -> Path:
+    """A directory path typed into the page, resolved (symlinks too) and required to lie inside one of roots."""
+    if not text.strip():
+        raise AdapterError(f"{what}: empty")
+    path = Path(os.path.realpath(Path(text.strip()).expanduser()))
+    allowed = [Path(os.path.realpath(r)) for r in roots]
+    if not any(path == r or path.is_relative_to(r) for r in allowed):
+        shown = ", ".join(str(r) for r in allowed)
+        raise AdapterError(f"{what} {text.strip()}: outside the directories this server may read ({shown})")
+    return path
+
+
+def gpu_busy_warning(jobs: list[Job], cuda: bool) -> str | None:
+    """A warning when a training job holds the GPU that a chat model would share."""
+    running = [j.name or j.id for j in jobs if j.state == "running"]
+    if not cuda or not running:
+        return None
+    return (
+        f"Training job {', '.join(running)} is using the GPU. A second model there can run it out of memory. "
+        "Press Load again to load anyway."
+    )
