@@ -26,8 +26,9 @@ class AppContext:
         job = self.manager.registry.get(run_id) if run_id else None
         return Path(job.run_dir) if job else None
 
-    def jobs_newest_first(self) -> list[Job]:
-        return list(reversed(self.manager.registry.all()))
+    def jobs_newest_first(self, kind: str = "train") -> list[Job]:
+        """Jobs of one kind (training runs by default; export/evaluate jobs have their own lists)."""
+        return [j for j in reversed(self.manager.registry.all()) if j.kind == kind]
 
     def run_to_watch(self) -> str | None:
         """What a freshly loaded page monitors: the running job, else the next queued, else the newest."""

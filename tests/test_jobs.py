@@ -181,3 +181,35 @@ def test_delete_and_rename(make_config, manager: JobManager) -> None:
     run_dir = Path(manager.registry.get(job_id).run_dir)
     manager.delete(job_id)
     assert manager.registry.get(job_id) is None and not run_dir.exists()
+
+
+def test_side_jobs_queue_behind_training_and_report_their_result(make_config, manager: JobManager) -> None:
+    from trainer.job_status import read_result
+
+    train_id = manager.submit(load_config(make_config({"training": {"max_steps": 4}})))
+    run_dir = manager.registry.get(train_id).run_dir
+    heldout = str(ROOT / "data/sentiment_heldout.jsonl")
+    eval_id = manager.submit_side_job("evaluate", [run_dir, "--data", heldout, "--limit", "4"], name="tiny")
+    job = manager.registry.get(eval_id)
+    assert job.kind == "evaluate" and Path(job.run_dir).parent.name == ".jobs" and eval_id.endswith("evaluate-tiny")
+    manager.tick()
+    assert manager.registry.get(train_id).state == "running" and manager.registry.get(eval_id).state == "queued"
+    wait_until(lambda: manager.registry.get(eval_id).state in ("completed", "failed"), manager=manager)
+    job = manager.registry.get(eval_id)
+    assert job.state == "completed", job.error
+    status = read_status(Path(job.run_dir))
+    assert status["step"] == status["max_steps"] == 4
+    result = read_result(Path(job.run_dir))
+    assert result["rows"] == 4 and set(result) >= {"base", "adapter"}
+    assert "[evaluate] 4/4 scoring the adapter" in (Path(job.run_dir) / "job.log").read_text()
+    assert (Path(run_dir) / "eval_results.json").is_file()
+
+
+def test_a_failing_side_job_is_failed_with_its_message(tmp_path: Path, manager: JobManager) -> None:
+    job_id = manager.submit_side_job("evaluate", [str(tmp_path / "no-such-run")])
+    wait_until(lambda: manager.registry.get(job_id).state in ("completed", "failed"), manager=manager)
+    job = manager.registry.get(job_id)
+    assert job.state == "failed" and job.exit_code == 1
+    assert "no-such-run" in read_status(Path(job.run_dir))["error"]
+    with pytest.raises(ValueError, match="unknown job kind"):
+        manager.submit_side_job("rm", ["-rf"])

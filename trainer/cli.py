@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="held-out data file (default: the run's eval data)")
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    ev.add_argument("--status-dir", help="also write status.json and result.json there (used by the UI's jobs)")
     return p
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         from trainer.evaluate import evaluate_command
 
-        return evaluate_command(args.run_dir, args.data, args.max_new_tokens, args.limit)
+        return evaluate_command(args.run_dir, args.data, args.max_new_tokens, args.limit, args.status_dir)
     return 2
 
 

@@ -17,7 +17,10 @@ from typing import Any
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.data_formats import Example
+from trainer.job_status import JobStatus
 from trainer.tokenization import IGNORE_INDEX, tokenize_example
+
+PHASES = 4
 
 
 def load_for_inference(cfg: RunConfig, adapter_dir: Path):
@@ -95,10 +98,14 @@ def score(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: i
     }
 
 
-def evaluate_run(run_dir: Path, data: str | None, max_new_tokens: int, limit: int | None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path, data: str | None, max_new_tokens: int, limit: int | None, status: JobStatus | None = None
+) -> dict[str, Any]:
     from trainer.data import load_examples
     from trainer.presets import load_config
 
+    status = status or JobStatus("evaluate", PHASES)
+    status.phase(1, "reading the run config and the held-out data")
     cfg = load_config(run_dir / "config.yaml")
     source = data or cfg.data.eval_source
     if source is None:
@@ -110,21 +117,36 @@ def evaluate_run(run_dir: Path, data: str | None, max_new_tokens: int, limit: in
     examples = [ex for _, ex in located if "messages" in ex]
     if not examples:
         raise DataError(name, ["no conversational rows to score (exact match needs an assistant answer)"])
+    status.phase(2, f"loading the base and the adapter of {run_dir.name}")
     model, tokenizer = load_for_inference(cfg, adapter)
+    status.phase(3, f"scoring the base on {len(examples)} rows")
     with model.disable_adapter():
         base = score(model, tokenizer, examples, max_new_tokens)
+    status.phase(4, f"scoring the adapter on {len(examples)} rows")
     tuned = score(model, tokenizer, examples, max_new_tokens)
-    result = {"data": name, "rows": len(examples), "base": base, "adapter": tuned}
+    result = {"run": run_dir.name, "data": name, "rows": len(examples), "base": base, "adapter": tuned}
     (run_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def evaluate_command(run_dir: str, data: str | None, max_new_tokens: int, limit: int | None) -> int:
+def evaluate_command(
+    run_dir: str, data: str | None, max_new_tokens: int, limit: int | None, status_dir: str | None = None
+) -> int:
+    status = JobStatus("evaluate", PHASES, status_dir)
+    status.start()
     try:
-        r = evaluate_run(Path(run_dir), data, max_new_tokens, limit)
+        r = evaluate_run(Path(run_dir), data, max_new_tokens, limit, status)
     except (ConfigError, DataError) as e:
         print(str(e), file=sys.stderr)
+        status.fail(str(e))
         return 1
+    except Exception as e:  # the job view shows the message; the traceback stays in the log
+        import traceback
+
+        traceback.print_exc()
+        status.fail(f"{type(e).__name__}: {e}")
+        return 1
+    status.finish(r)
     print(f"{r['rows']} rows of {r['data']}")
     print(f"{'':10}{'exact match':>12}{'loss':>10}{'perplexity':>12}")
     for who in ("base", "adapter"):

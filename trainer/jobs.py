@@ -1,11 +1,14 @@
-"""The job queue: runs start in order as `lora-workbench train` subprocesses, are stopped by process group,
+"""The job queue: jobs start in order as `lora-workbench <kind>` subprocesses, are stopped by process group,
 and are re-attached (or marked failed) when the server that started them restarts.
 
+Kinds: `train` (runs/<run_id>/, its config.yaml the argument) and the side jobs `export` and `evaluate`
+(runs/.jobs/<job_id>/ holding job.json, the command's arguments, plus status.json and job.log).
 Files stay the contract: a job writes its own status.json; the registry mirrors it for listing and ordering.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,11 +25,17 @@ from trainer.registry import Job, Registry
 from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status, write_json_atomic
 
 STOP_GRACE_S = 30.0
+SIDE_KINDS = ("export", "evaluate")
+JOBS_SUBDIR = ".jobs"
 
 
-def log_tail(run_dir: Path, lines: int = 30) -> str:
-    """The last lines of a run's train.log (read from the end, not the whole file)."""
-    path = run_dir / "train.log"
+def log_file(job: Job) -> Path:
+    return Path(job.run_dir) / ("train.log" if job.kind == "train" else "job.log")
+
+
+def log_tail(run_dir: Path, lines: int = 30, name: str = "train.log") -> str:
+    """The last lines of a job's log (read from the end, not the whole file)."""
+    path = run_dir / name
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -44,7 +53,10 @@ def is_our_process(job: Job) -> bool:
         proc = psutil.Process(job.pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return abs(proc.create_time() - job.proc_start) < 0.01 and job.config_path in proc.cmdline()
+        cmdline = proc.cmdline()
+        return abs(proc.create_time() - job.proc_start) < 0.01 and (
+            job.config_path in cmdline or job.run_dir in cmdline  # train gets its config, side jobs their dir
+        )
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -76,6 +88,21 @@ class JobManager:
             self.registry.add(run_id, cfg.output.run_name, "train", run.config, run.path)
         return run_id
 
+    def submit_side_job(self, kind: str, args: list[str], name: str | None = None) -> str:
+        """Queue `lora-workbench <kind> ARGS --status-dir <job dir>`; returns the job id."""
+        if kind not in SIDE_KINDS:
+            raise ValueError(f"unknown job kind {kind!r} (one of {', '.join(SIDE_KINDS)})")
+        root = self.runs_dir / JOBS_SUBDIR
+        root.mkdir(exist_ok=True)
+        with self._lock:
+            job_id = new_run_id(f"{kind}-{name}" if name else kind, root)
+            path = root / job_id
+            path.mkdir()
+            write_json_atomic(path / "job.json", {"kind": kind, "args": args})
+            RunDir(path).write_status(state="queued")
+            self.registry.add(job_id, name, kind, path / "job.json", path)
+        return job_id
+
     def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when the job is not queued."""
         queued = [j.id for j in self.registry.all("queued")]
@@ -91,10 +118,17 @@ class JobManager:
             for job in self.registry.all("queued")[: max(0, self.max_running - running)]:
                 self._launch(job)
 
+    def _argv(self, job: Job) -> list[str]:
+        """The job's command line: always a list (no shell), built from files this server wrote."""
+        if job.kind == "train":
+            return [sys.executable, "-m", "trainer", "train", job.config_path]
+        request = json.loads(Path(job.config_path).read_text(encoding="utf-8"))
+        return [sys.executable, "-m", "trainer", job.kind, *request["args"], "--status-dir", job.run_dir]
+
     def _launch(self, job: Job) -> None:
         env = {**os.environ, CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "trainer", "train", job.config_path]
-        with open(Path(job.run_dir) / "train.log", "ab") as log:
+        argv = self._argv(job)
+        with open(log_file(job), "ab") as log:
             proc = subprocess.Popen(
                 argv,
                 cwd=self.cwd,
@@ -134,12 +168,16 @@ class JobManager:
 
     def _mark_dead(self, job: Job, exit_code: int | None) -> None:
         """The process ended without writing a final state (killed, crashed hard): say so, with the log tail."""
-        if job.stop_requested:
+        log = log_file(job)
+        if job.stop_requested and job.kind == "train":
             state, error = "stopped", "killed after not stopping within the grace period; adapter not saved"
+        elif job.stop_requested:
+            state, error = "stopped", f"{job.kind} stopped by the user"
         else:
             how = f"exit code {exit_code}" if exit_code is not None else "while nobody was watching"
-            state, error = "failed", f"the training process died ({how}). Last lines of train.log:\n"
-            error += log_tail(Path(job.run_dir))
+            process = "training" if job.kind == "train" else job.kind
+            state, error = "failed", f"the {process} process died ({how}). Last lines of {log.name}:\n"
+            error += log_tail(log.parent, name=log.name)
         run = RunDir(Path(job.run_dir))
         run.write_status(state=state, error=error, exit_code=exit_code, ended_at=time.time())
         self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=time.time())
