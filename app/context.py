@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.inference import ChatEngine
 from trainer.jobs import JobManager
 from trainer.monitor import Watchers
 from trainer.registry import Job
@@ -20,6 +21,7 @@ class AppContext:
     example: str | None = DEFAULT_EXAMPLE
     watchers: Watchers = field(default_factory=Watchers)
     summaries: SummaryCache = field(default_factory=SummaryCache)
+    chat: ChatEngine = field(default_factory=ChatEngine)  # one chat model for every page
 
     def run_path(self, run_id: str) -> Path | None:
         """The directory of a registered run, or None (never a path built from page input)."""

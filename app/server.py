@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.chat_tab import build_chat_tab
 from app.context import DEFAULT_EXAMPLE, AppContext
 from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
@@ -38,6 +39,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 build_train_tab(demo, ctx)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                 build_runs_tab(demo, ctx)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                build_chat_tab(demo, ctx)
     return demo
 
 

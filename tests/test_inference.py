@@ -47,8 +47,8 @@ def test_reply_streams_in_several_chunks(engine: ChatEngine):
 
 def test_compare_mode_answers_base_and_adapter_differently(engine: ChatEngine):
     final: dict[str, str] = {}
-    for target, text in engine.compare(PROMPT, GREEDY, [BASE, "lora"]):
-        final[target] = text
+    for i, text in engine.compare([(BASE, PROMPT), ("lora", PROMPT)], GREEDY):
+        final[[BASE, "lora"][i]] = text
     assert set(final) == {BASE, "lora"}
     assert final["lora"].strip() in ("positive", "negative")  # the trained task's answer
     assert final[BASE] != final["lora"]
@@ -61,7 +61,8 @@ def test_switching_adapters_keeps_the_one_base(engine: ChatEngine, trained_adapt
     seconds = engine.add_adapter("dora", str(trained_adapter("dora") / "adapter"))
     assert seconds >= 0
     try:
-        answers = {t: x for t, x in engine.compare(PROMPT, GREEDY, ["lora", "dora", BASE, "lora"])}
+        targets = ["lora", "dora", BASE, "lora"]
+        answers = {targets[i]: x for i, x in engine.compare([(t, PROMPT) for t in targets], GREEDY)}
         assert engine.base_loads == loads
         assert engine.loaded.model.base_model.model is base_module
         assert set(answers) == {"lora", "dora", BASE}
@@ -74,7 +75,7 @@ def test_switching_adapters_keeps_the_one_base(engine: ChatEngine, trained_adapt
 def test_stop_ends_the_reply_early(engine: ChatEngine):
     long = GenerationSettings(temperature=1.0, max_new_tokens=400, repetition_penalty=1.0)
     texts = []
-    for _, text in engine.compare(PROMPT, long, [BASE, "lora"]):
+    for _, text in engine.compare([(BASE, PROMPT), ("lora", PROMPT)], long):
         texts.append(text)
         if len(texts) == 2:
             engine.stop()

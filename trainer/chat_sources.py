@@ -4,6 +4,7 @@ or a directory the user types (allowed only inside the runs dir or the working d
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from trainer.adapter_source import AdapterError
@@ -56,3 +57,28 @@ def gpu_busy_warning(jobs: list[Job], cuda: bool) -> str | None:
         f"Training job {', '.join(running)} is using the GPU. A second model there can run it out of memory. "
         "Press Load again to load anyway."
     )
+
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_base(text: str, roots: list[Path]) -> str | None:
+    """A base model typed into the page: blank (the adapter's own), a hub id, or a directory inside roots."""
+    text = text.strip()
+    if not text:
+        return None
+    if Path(text).expanduser().exists():
+        return str(resolve_user_dir(text, roots, "base model directory"))
+    if ".." in text or not HUB_ID_RE.match(text):
+        raise AdapterError(f"base model {text!r}: neither an existing directory nor a hub id like Org/Model")
+    return text
+
+
+def adapter_name(path: str | Path) -> str:
+    """A short name for an adapter directory: the run id (with @checkpoint-N for a checkpoint), else the dir."""
+    p = Path(path)
+    if p.name == "adapter":
+        return p.parent.name
+    if p.parent.name == "checkpoints":
+        return f"{p.parent.parent.name}@{p.name}"
+    return p.name

@@ -197,27 +197,30 @@ class ChatEngine:
         self, messages: list[dict[str, str]], settings: GenerationSettings, target: str = BASE
     ) -> Iterator[str]:
         """The reply to messages by one target (an adapter name, or BASE), as a growing text."""
-        for _, text in self.compare(messages, settings, [target]):
+        for _, text in self.compare([(target, messages)], settings):
             yield text
 
     def compare(
-        self, messages: list[dict[str, str]], settings: GenerationSettings, targets: list[str]
-    ) -> Iterator[tuple[str, str]]:
-        """Answer the same messages by each target in turn; yields (target, reply so far) as tokens arrive."""
+        self, turns: list[tuple[str, list[dict[str, str]]]], settings: GenerationSettings
+    ) -> Iterator[tuple[int, str]]:
+        """Answer each (target, conversation) in turn; yields (turn index, reply so far) as tokens arrive.
+
+        Each pane of the UI keeps its own conversation, so every target sees its own earlier replies.
+        """
         with self._lock:
             if self.loaded is None:
                 raise AdapterError("no model is loaded; press Load first")
-            unknown = [t for t in targets if t != BASE and t not in self.loaded.adapters]
+            unknown = [t for t, _ in turns if t != BASE and t not in self.loaded.adapters]
             if unknown:
-                raise AdapterError(f"not loaded: {', '.join(unknown)}; loaded: {', '.join(self.adapter_names)}")
+                loaded = ", ".join(self.adapter_names) or "none"
+                raise AdapterError(f"not loaded: {', '.join(unknown)}; loaded adapters: {loaded}")
             self._stop.clear()
             self.last_stats = []
-            enc = self.prompt_ids(messages, settings)
-            for target in targets:
+            for i, (target, messages) in enumerate(turns):
                 stats = ReplyStats(target)
                 self.last_stats.append(stats)
-                for text in self._generate(enc, settings, target, stats):
-                    yield target, text
+                for text in self._generate(self.prompt_ids(messages, settings), settings, target, stats):
+                    yield i, text
                 if self._stop.is_set():
                     break
 

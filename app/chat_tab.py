@@ -1,0 +1,210 @@
+"""The Chat tab: load a base with one or more adapters, then chat; in compare mode two panes answer the same
+prompt side by side (the base with adapters off, and an adapter, or two adapters)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.context import AppContext
+from trainer.adapter_source import AdapterError
+from trainer.chat_sources import adapter_choices, adapter_name, gpu_busy_warning, resolve_base, resolve_user_dir
+from trainer.config import ConfigError
+from trainer.inference import BASE, QUANT_CHOICES, GenerationSettings
+
+Chat = list[dict[str, str]]
+
+HELP = (
+    "The base loads once, as the first adapter's run trained it (4-bit for a QLoRA run) unless you choose "
+    "otherwise; every adapter you tick is put on top of it with PEFT, so switching between them, or turning "
+    "them all off for the base's own answer, costs no reload. A LoRA adapter only adds ΔW = B·A·α/r to the "
+    "frozen weights, which is why one base can serve many adapters."
+)
+
+
+def plain(history: list[dict[str, Any]] | None) -> Chat:
+    """Chatbot messages as the chat template wants them: Gradio 6 hands content over as a list of parts."""
+    out = []
+    for m in history or []:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append({"role": m["role"], "content": str(content or "")})
+    return out
+
+
+def _roots(ctx: AppContext) -> list[Path]:
+    return [ctx.runs_dir, Path.cwd()]
+
+
+def _targets(ctx: AppContext) -> list[str]:
+    return [BASE, *ctx.chat.adapter_names]
+
+
+# --- handlers --------------------------------------------------------------------------------------------------
+def load_models(
+    ctx: AppContext, picked: list[str], typed: str, base: str, quant: str, confirmed: bool
+) -> tuple[str, bool]:
+    """(status text, whether a GPU warning awaits a second press)."""
+    import torch
+
+    warning = gpu_busy_warning(ctx.jobs_newest_first(), torch.cuda.is_available())
+    if warning and not confirmed:
+        return f"⚠️ {warning}", True
+    try:
+        dirs = [*picked, *([str(resolve_user_dir(typed, _roots(ctx)))] if typed.strip() else [])]
+        adapters = {adapter_name(d): d for d in dirs}
+        ctx.chat.load(adapters, resolve_base(base, _roots(ctx)), quant)
+    except (AdapterError, ConfigError) as e:
+        return f"**Not loaded.** {e}", False
+    return ctx.chat.describe(), False
+
+
+def unload_models(ctx: AppContext) -> str:
+    ctx.chat.unload()
+    return ctx.chat.describe()
+
+
+def settings_from(system: str, temperature: float, top_p: float, top_k: int, max_new: int, rep: float):
+    return GenerationSettings(system, float(temperature), float(top_p), int(top_k), int(max_new), float(rep))
+
+
+def reply(
+    ctx: AppContext,
+    message: str,
+    left: Chat,
+    right: Chat,
+    compare_on: bool,
+    target_left: str,
+    target_right: str,
+    settings: GenerationSettings,
+) -> Iterator[tuple[Chat, Chat, str]]:
+    """Stream the answers into the panes: the left one only in compare mode."""
+    if not message.strip():
+        yield left, right, "Type a message first."
+        return
+    panes = [(target_right, right)] if not compare_on else [(target_left, left), (target_right, right)]
+    turns = [(target, [*history, {"role": "user", "content": message}]) for target, history in panes]
+    shown = [[*msgs, {"role": "assistant", "content": ""}] for _, msgs in turns]
+
+    def out(note: str) -> tuple[Chat, Chat, str]:
+        return (shown[0], shown[1], note) if compare_on else (left, shown[0], note)
+
+    try:
+        for i, text in ctx.chat.compare(turns, settings):
+            shown[i][-1] = {"role": "assistant", "content": text}
+            yield out("Generating…")
+    except AdapterError as e:
+        yield left, right, f"**{e}**"
+        return
+    yield out(stats_md(ctx))
+
+
+def stats_md(ctx: AppContext) -> str:
+    parts = []
+    for s in ctx.chat.last_stats:
+        first = f"{s.first_token_s * 1000:.0f} ms to first token, " if s.first_token_s is not None else ""
+        parts.append(
+            f"**{s.target}**: {first}{s.new_tokens} tokens at {s.tokens_per_second:.1f} tok/s"
+            + (" (stopped)" if s.stopped else "")
+        )
+    return " · ".join(parts)
+
+
+# --- layout -----------------------------------------------------------------------------------------------------
+def build_chat_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+    gr.Markdown(f"### Chat with what you trained\n{HELP}")
+    with gr.Row():
+        picked = gr.Dropdown(
+            choices=[],
+            multiselect=True,
+            label="Adapters (finished runs, or the newest checkpoint of a running one)",
+            elem_id="chat-adapters",
+            scale=3,
+        )
+        refresh = gr.Button("↻", size="sm", elem_id="chat-refresh", scale=0, min_width=40)
+    with gr.Row():
+        typed = gr.Textbox(label="…or an adapter directory (inside the runs dir)", elem_id="chat-adapter-dir")
+        base = gr.Textbox(
+            label="Base model override", placeholder="blank: the base the adapter was trained on", elem_id="chat-base"
+        )
+        quant = gr.Radio(
+            list(QUANT_CHOICES),
+            value="as trained",
+            label="Load the base",
+            info="'as trained' reloads a QLoRA run's base in 4-bit, as the adapter saw it",
+            elem_id="chat-quant",
+        )
+    with gr.Row():
+        load = gr.Button("Load", variant="primary", elem_id="chat-load")
+        unload = gr.Button("Unload", elem_id="chat-unload")
+    status = gr.Markdown("Nothing loaded.", elem_id="chat-status")
+    confirmed = gr.State(False)
+    with gr.Accordion("Generation settings", open=False):
+        system = gr.Textbox(label="System prompt", lines=2, elem_id="chat-system")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)", elem_id="chat-temp")
+            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0: off)")
+            max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
+            rep = gr.Slider(1.0, 2.0, value=1.1, step=0.01, label="Repetition penalty")
+    with gr.Row():
+        compare_on = gr.Checkbox(True, label="Compare side by side", elem_id="chat-compare")
+        target_left = gr.Dropdown([BASE], value=BASE, label="Left pane", elem_id="chat-left-target")
+        target_right = gr.Dropdown([BASE], value=BASE, label="Right pane", elem_id="chat-right-target")
+    with gr.Row():
+        left = gr.Chatbot(label="Left", elem_id="chat-left", height=360)
+        right = gr.Chatbot(label="Right", elem_id="chat-right", height=360)
+    with gr.Row():
+        message = gr.Textbox(placeholder="Message…", show_label=False, elem_id="chat-input", scale=5)
+        send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+        stop = gr.Button("Stop", elem_id="chat-stop", scale=1)
+        clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
+    speed = gr.Markdown(elem_id="chat-speed")
+
+    def refresh_choices(current: list[str] | None):
+        choices = adapter_choices(ctx.jobs_newest_first())
+        values = [v for _, v in choices]
+        return gr.Dropdown(choices=choices, value=[v for v in current or [] if v in values])
+
+    refresh.click(refresh_choices, inputs=picked, outputs=picked)
+    demo.load(refresh_choices, inputs=picked, outputs=picked)
+
+    def on_load(p, t, b, q, c):
+        text, awaiting = load_models(ctx, p or [], t, b, q, c)
+        targets = _targets(ctx)
+        right_default = targets[1] if len(targets) > 1 else BASE
+        return (
+            text,
+            awaiting,
+            gr.Dropdown(choices=targets, value=BASE),
+            gr.Dropdown(choices=targets, value=right_default),
+        )
+
+    load.click(
+        on_load,
+        inputs=[picked, typed, base, quant, confirmed],
+        outputs=[status, confirmed, target_left, target_right],
+        concurrency_limit=1,
+        concurrency_id="chat-model",
+    )
+    unload.click(lambda: unload_models(ctx), outputs=status, concurrency_id="chat-model")
+    compare_on.change(lambda on: gr.Chatbot(visible=on), inputs=compare_on, outputs=left)
+
+    def on_send(msg, lh, rh, on, tl, tr, *s):
+        yield from reply(ctx, msg, plain(lh), plain(rh), on, tl, tr, settings_from(*s))
+
+    sent = dict(
+        fn=on_send,
+        inputs=[message, left, right, compare_on, target_left, target_right, system, temperature, top_p, top_k]
+        + [max_new, rep],
+        outputs=[left, right, speed],
+        show_progress="hidden",
+    )
+    send.click(**sent).then(lambda: "", outputs=message)
+    message.submit(**sent).then(lambda: "", outputs=message)
+    stop.click(lambda: ctx.chat.stop(), concurrency_limit=None, queue=False)
+    clear.click(lambda: ([], [], ""), outputs=[left, right, speed])

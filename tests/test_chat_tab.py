@@ -1,0 +1,58 @@
+"""The Chat tab's handlers without a browser: load, stream into two panes, stats, readable failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.chat_tab import load_models, plain, reply, unload_models
+from app.context import AppContext
+from trainer.inference import BASE, GenerationSettings
+from trainer.jobs import JobManager
+
+GREEDY = GenerationSettings(temperature=0, max_new_tokens=16)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> AppContext:
+    return AppContext(tmp_path / "runs", JobManager(tmp_path / "runs"))
+
+
+def test_load_then_compare_streams_both_panes(ctx: AppContext, trained_adapter):
+    run = trained_adapter("lora")
+    text, awaiting = load_models(ctx, [str(run / "adapter")], "", "", "as trained", False)
+    assert not awaiting and f"Adapters: {run.name} (lora)" in text and "MiB" in text
+    updates = list(reply(ctx, "Review: a dull, slow film. Sentiment?", [], [], True, BASE, run.name, GREEDY))
+    assert len(updates) > 2
+    left, right, note = updates[-1]
+    assert [m["role"] for m in left] == [m["role"] for m in right] == ["user", "assistant"]
+    assert right[-1]["content"].strip() in ("positive", "negative") and left[-1]["content"] != right[-1]["content"]
+    assert "**base**" in note and f"**{run.name}**" in note and "tok/s" in note
+    # the second turn carries each pane's own history
+    _, right2, _ = list(reply(ctx, "And again?", left, right, False, BASE, run.name, GREEDY))[-1]
+    assert len(right2) == 4
+    assert "Nothing loaded" in unload_models(ctx)
+
+
+def test_single_mode_leaves_the_left_pane_alone(ctx: AppContext, trained_adapter):
+    run = trained_adapter("lora")
+    load_models(ctx, [str(run / "adapter")], "", "", "as trained", False)
+    old_left = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    left, right, _ = list(reply(ctx, "Review: fine. Sentiment?", old_left, [], False, BASE, run.name, GREEDY))[-1]
+    assert left == old_left and len(right) == 2
+
+
+def test_failures_are_shown_not_raised(ctx: AppContext, tmp_path: Path):
+    text, _ = load_models(ctx, [], "/etc", "", "as trained", False)
+    assert text.startswith("**Not loaded.**") and "outside the directories" in text
+    text, _ = load_models(ctx, [], "", "", "as trained", False)
+    assert "choose at least one adapter" in text
+    *_, note = list(reply(ctx, "hi", [], [], True, BASE, "lora", GREEDY))[-1]
+    assert "no model is loaded" in note
+    assert list(reply(ctx, "  ", [], [], True, BASE, "x", GREEDY))[-1][2] == "Type a message first."
+
+
+def test_plain_flattens_gradio_message_parts():
+    got = plain([{"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None}])
+    assert got == [{"role": "user", "content": "hi"}]
