@@ -68,8 +68,12 @@ def unload_models(ctx: AppContext) -> str:
     return ctx.chat.describe()
 
 
-def settings_from(system: str, temperature: float, top_p: float, top_k: int, max_new: int, rep: float):
-    return GenerationSettings(system, float(temperature), float(top_p), int(top_k), int(max_new), float(rep))
+def settings_from(*values: Any) -> GenerationSettings:
+    """Settings from the widgets; one left unset (a closed accordion not yet rendered) keeps its default."""
+    names = ["system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty"]
+    given = {n: v for n, v in zip(names, values, strict=True) if v is not None}
+    defaults = GenerationSettings()
+    return GenerationSettings(**{n: type(getattr(defaults, n))(v) for n, v in given.items()})
 
 
 def reply(

@@ -87,3 +87,13 @@ def overlay_figure(curves: dict[str, dict[str, list[Any]]]) -> go.Figure:
             fig.add_scatter(x=c["eval_step"], y=c["eval_loss"], name=f"{label} eval", mode="markers+lines")
     fig.update_layout(height=380)
     return fig
+
+
+def eval_figure(result: dict[str, Any]) -> go.Figure:
+    """Base vs adapter on the held-out rows: exact match (bars, left axis) and answer loss (right axis)."""
+    who = [w for w in ("base", "adapter") if w in result]
+    fig = _fig(f"Held-out: {result.get('rows')} rows of {result.get('data')}", x_title="", y_title="exact match (%)")
+    fig.add_bar(x=who, y=[100 * result[w]["exact_match"] for w in who], name="exact match (%)", offsetgroup=0)
+    fig.add_bar(x=who, y=[result[w]["loss"] for w in who], name="loss", yaxis="y2", offsetgroup=1)
+    fig.update_layout(yaxis2={"title": "loss", "overlaying": "y", "side": "right"}, barmode="group")
+    return fig

@@ -11,6 +11,7 @@ from app import plots
 from app.context import AppContext
 from trainer.jobs import log_tail
 from trainer.runs_index import COLUMNS, config_diff, loss_curves, read_config, zip_adapter
+from trainer.side_jobs import EVAL_HEADERS, eval_rows, progress_md, read_eval
 
 
 def table_rows(ctx: AppContext) -> list[list[Any]]:
@@ -56,6 +57,30 @@ def open_run(ctx: AppContext, run_id: str | None) -> tuple[str, str, str]:
     return read("config.yaml", ""), log_tail(path, 200), card
 
 
+def submit_evaluate(ctx: AppContext, run_id: str | None) -> str:
+    """Queue `lora-workbench evaluate` for a finished run (base vs adapter on its held-out data)."""
+    path = ctx.run_path(run_id) if run_id else None
+    if path is None:
+        return "Pick a run first."
+    if not (path / "adapter" / "adapter_config.json").is_file():
+        return f"`{run_id}` has no saved adapter yet; evaluate it when it has finished."
+    if not read_config(path).get("data", {}).get("eval_source"):
+        return f"`{run_id}` has no held-out data (data.eval_source); run `lora-workbench evaluate` with --data."
+    job_id = ctx.manager.submit_side_job("evaluate", [str(path)], name=run_id)
+    ctx.manager.tick()
+    return f"Queued evaluation `{job_id}`."
+
+
+def evaluation_view(ctx: AppContext, run_id: str | None) -> tuple[str, list[list[Any]], Any]:
+    """(the newest evaluation job's progress, base-vs-adapter rows, chart) of one run."""
+    path = ctx.run_path(run_id) if run_id else None
+    if path is None:
+        return "", [], None
+    jobs = [j for j in ctx.jobs_newest_first("evaluate") if j.name == run_id]
+    result = read_eval(path)
+    return (progress_md(jobs[0]) if jobs else ""), eval_rows(result), plots.eval_figure(result) if result else None
+
+
 def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     with gr.Row():
         refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
@@ -86,6 +111,15 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             log = gr.Code(language=None, elem_id="run-log", max_lines=40)
         with gr.Tab("Model card"):
             card = gr.Markdown(elem_id="run-card")
+        with gr.Tab("Evaluate"):
+            gr.Markdown(
+                "Scores the base (adapter off) and the adapter on the run's held-out data: answer loss, perplexity "
+                "and exact match of greedy answers. Runs as a job in the queue; saved in the run as eval_results.json."
+            )
+            evaluate = gr.Button("Evaluate base vs adapter", elem_id="evaluate-btn")
+            eval_progress = gr.Markdown(elem_id="eval-progress")
+            eval_table = gr.Dataframe(headers=EVAL_HEADERS, interactive=False, elem_id="eval-table")
+            eval_plot = gr.Plot(elem_id="eval-plot", show_label=False)
         with gr.Tab("Rename / delete"):
             new_name = gr.Textbox(label="New name (letters, digits, . _ -)", elem_id="rename-text")
             rename = gr.Button("Rename", elem_id="rename-btn")
@@ -114,6 +148,24 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
 
     picks.change(lambda ids: compare(ctx, ids), inputs=picks, outputs=[overlay, diff, perf])
     opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=[config, log, card])
+    eval_outputs = [eval_progress, eval_table, eval_plot]
+    opened.change(lambda r: evaluation_view(ctx, r), inputs=opened, outputs=eval_outputs)
+    evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=note)
+    eval_seen = gr.State(None)
+
+    def eval_tick(run_id: str | None, last: Any):
+        progress_text, rows, figure = evaluation_view(ctx, run_id)
+        if (progress_text, rows) == last:
+            return gr.skip(), gr.skip(), gr.skip(), last
+        return progress_text, rows, figure, (progress_text, rows)
+
+    timer.tick(
+        eval_tick,
+        inputs=[opened, eval_seen],
+        outputs=[*eval_outputs, eval_seen],
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
 
     def make_zip(run_id: str | None):
         path = ctx.run_path(run_id) if run_id else None

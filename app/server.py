@@ -15,6 +15,7 @@ import gradio as gr
 
 from app.chat_tab import build_chat_tab
 from app.context import DEFAULT_EXAMPLE, AppContext
+from app.export_tab import build_export_tab
 from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
 from trainer.jobs import JobManager
@@ -41,6 +42,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 build_runs_tab(demo, ctx)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 build_chat_tab(demo, ctx)
+            with gr.Tab("Export", id="export", elem_id="tab-export"):
+                build_export_tab(demo, ctx)
     return demo
 
 

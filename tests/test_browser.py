@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -227,3 +228,64 @@ def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) ->
     finally:
         srv.stop()
         kill_leftover_trainers(srv.runs_dir)
+
+
+GROWTH_JS = """(sel) => {  // record every distinct length the last reply in a chat pane shows
+  window.__lens = window.__lens || {};
+  const lens = window.__lens[sel] = [];
+  const el = document.querySelector(sel);
+  new MutationObserver(() => {
+    const bots = el.querySelectorAll('.bot, [data-testid="bot"]');
+    const n = bots.length ? bots[bots.length - 1].innerText.length : 0;
+    if (n && lens[lens.length - 1] !== n) lens.push(n);
+  }).observe(el, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def pick_option(page, dropdown: str, text: str) -> None:
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=text).first.click()
+
+
+def test_train_then_chat_in_compare_mode_then_export(page, server: Server) -> None:
+    open_app(page, server)
+    run_id = start_from_page(page, training__max_steps=80, training__logging_steps=10)
+    wait_until(lambda: run_state(page, run_id)[0] == "completed", 180, "the run to complete")
+
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    page.click("#chat-refresh")
+    pick_option(page, "#chat-adapters", run_id)
+    page.keyboard.press("Escape")
+    page.click("#chat-load")
+    page.wait_for_function(f"() => document.querySelector('#chat-status')?.innerText.includes('{run_id} (lora)')")
+    assert page.locator("#chat-right-target input").input_value() == run_id
+    for pane in ("#chat-left", "#chat-right"):
+        page.evaluate(GROWTH_JS, pane)
+    page.fill("#chat-input textarea", "Review: The film was wonderful and moving.\nSentiment:")
+    page.click("#chat-send")
+    page.wait_for_function(
+        "() => ['base', 'tok/s'].every(s => document.querySelector('#chat-speed')?.innerText.includes(s))"
+        f" && document.querySelector('#chat-speed').innerText.includes('{run_id}')"
+    )
+    left = page.locator("#chat-left").inner_text()
+    right = page.locator("#chat-right").inner_text()
+    assert "wonderful" in left and "wonderful" in right  # the prompt in both panes
+    assert re.search(r"\b(positive|negative)\b", right), right  # the adapter answers the trained task
+    lens = page.evaluate("() => window.__lens")
+    assert len(lens["#chat-left"]) > 1, f"the base's reply did not stream: {lens}"
+    screenshot(page, "chat-tab.png")
+
+    page.get_by_role("tab", name="Export", exact=True).click()
+    page.click("#export-refresh")
+    pick_option(page, "#export-run", run_id)
+    page.click("#export-btn")
+    page.wait_for_function("() => document.querySelector('#export-msg')?.innerText.startsWith('Queued export')")
+    page.wait_for_function(
+        "() => document.querySelector('#export-progress')?.innerText.includes(': completed')", timeout=180_000
+    )
+    page.wait_for_function("() => document.querySelector('#export-result')?.innerText.includes('passed')")
+    result = page.inner_text("#export-result")
+    assert "max |logit diff|" in result and "greedy-token agreement" in result, result
+    screenshot(page, "export-tab.png")
+    out = server.runs_dir / "exports" / f"{run_id}-merged"
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))

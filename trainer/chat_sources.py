@@ -32,7 +32,7 @@ def adapter_choices(jobs: list[Job]) -> list[tuple[str, str]]:
             continue
         method = read_config(Path(job.run_dir)).get("adapter", {}).get("method", "?")
         where = "" if path.name == "adapter" else f" @ {path.name}"
-        choices.append((f"{job.name or job.id}{where} ({method}, {job.state})", str(path)))
+        choices.append((f"{job.id}{where} ({method}, {job.state})", str(path)))
     return choices
 
 

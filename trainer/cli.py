@@ -35,6 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     ev.add_argument("--status-dir", help="also write status.json and result.json there (used by the UI's jobs)")
+
+    ex = sub.add_parser("export", help="merge an adapter into its base and save a plain transformers model")
+    ex.add_argument("--adapter", required=True, help="adapter directory (runs/<run_id>/adapter)")
+    ex.add_argument("--out", required=True, help="directory to write the merged model to")
+    ex.add_argument("--base", help="base model id or path (default: the one the adapter was trained on)")
+    ex.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the saved weights")
+    ex.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB or 500MB")
+    ex.add_argument(
+        "--merge-into",
+        default="16bit",
+        choices=["16bit", "dequantized"],
+        help="16bit: merge into the unquantized base; dequantized: into the 4/8-bit base as trained, dequantized",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export passed")
+    ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export (token: HF_TOKEN or `hf auth login`)")
+    ex.add_argument("--status-dir", help="also write status.json, result.json and export_report.json there")
     return p
 
 
@@ -67,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.evaluate import evaluate_command
 
         return evaluate_command(args.run_dir, args.data, args.max_new_tokens, args.limit, args.status_dir)
+    if args.command == "export":
+        from trainer.export import export_command
+
+        return export_command(args)
     return 2
 
 

@@ -30,7 +30,7 @@ def load_for_inference(cfg: RunConfig, adapter_dir: Path):
     from transformers import AutoModelForCausalLM
 
     from trainer import device
-    from trainer.models import load_tokenizer, model_path, to_bnb_config
+    from trainer.models import eval_as_trained, load_tokenizer, model_path, to_bnb_config
 
     cuda, _, bf16_ok = device.detect()
     plan = device.plan(cfg, cuda, bf16_ok)
@@ -44,9 +44,10 @@ def load_for_inference(cfg: RunConfig, adapter_dir: Path):
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,
     )
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    model.eval()
-    return model, load_tokenizer(cfg, str(adapter_dir))
+    return (
+        eval_as_trained(PeftModel.from_pretrained(base, str(adapter_dir))),
+        load_tokenizer(cfg, str(adapter_dir)),
+    )
 
 
 def split_prompt(example: Example) -> tuple[list[dict], str]:

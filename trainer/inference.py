@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.adapter_source import AdapterError, AdapterSource, check_fits_base, read_adapter
+from trainer.models import eval_as_trained
 
 BASE = "base"  # the target name for "adapters disabled" in a comparison
 QUANT_CHOICES = ("as trained", "none", "8bit", "4bit")
@@ -145,7 +146,7 @@ class ChatEngine:
                 )
         except RuntimeError as e:  # the shape check passed, yet torch refused: still say which adapter
             raise AdapterError(f"adapter {source.path} could not be loaded on {self.loaded.path}: {e}") from e
-        self.loaded.model.eval()
+        eval_as_trained(self.loaded.model)
         self.loaded.adapters[name] = source
         self.loaded.peft_names[name] = peft_name
 
@@ -339,7 +340,7 @@ def _load_base(path: str, quantization: str, source: AdapterSource | None) -> tu
         ) from e
     except OSError as e:
         raise AdapterError(f"base model {path}: {e}") from e
-    model.eval()
+    eval_as_trained(model)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model, "cuda:0" if cuda else "cpu"
 

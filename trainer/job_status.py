@@ -34,14 +34,19 @@ class JobStatus:
         self._write(state="completed", step=self.phases, exit_code=0, ended_at=time.time(), phase="done")
 
     def fail(self, error: str, exit_code: int = 1) -> None:
-        print(f"[{self.kind}] failed: {error}", flush=True)
+        """The caller has already printed the error (to stderr, which the job's log also captures)."""
         self._write(state="failed", error=error, exit_code=exit_code, ended_at=time.time())
 
 
-def read_result(job_dir: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON file another process wrote atomically, or None when it is not there (yet)."""
     import json
 
     try:
-        return json.loads((job_dir / "result.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+
+
+def read_result(job_dir: Path) -> dict[str, Any] | None:
+    return read_json(job_dir / "result.json")

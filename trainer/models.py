@@ -86,3 +86,21 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def eval_as_trained(model: Any) -> Any:
+    """model.eval(), except 4-bit layers, which keep computing as they did in training.
+
+    bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks 4-bit weights for a bf16 kernel on the first eval-mode
+    forward: the logits are then no longer training's, and dequantize() reads the repacked layout as garbage.
+    In train mode these layers dequantize and matmul in the compute dtype, as in training; they hold no dropout.
+    """
+    model.eval()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return model
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.train()
+    return model

@@ -1,0 +1,160 @@
+"""The Export tab: merge a run's adapter into its base as a plain transformers model (a queued `export` job with
+its own progress, log and fidelity numbers), or download the adapter alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.context import AppContext
+from trainer.adapter_source import AdapterError
+from trainer.chat_sources import adapter_choices, adapter_name, resolve_base, resolve_user_dir
+from trainer.config import ConfigError
+from trainer.export import ExportError, ExportRequest
+from trainer.runs_index import zip_adapter
+from trainer.side_jobs import default_export_dir, export_args, export_result_md, job_log, progress_md
+
+MERGE_HELP = (
+    "16bit (default): the base is reloaded unquantized in the chosen dtype and ΔW = B·A·α/r is added to it, the "
+    "usual way to ship a QLoRA adapter. dequantized: the 4/8-bit base as the adapter saw it in training, "
+    "dequantized, plus ΔW; choose it when the adapter learned to correct quantization error (small bases, "
+    "aggressive 4-bit), where 16-bit weights would shift its answers."
+)
+
+
+def _roots(ctx: AppContext) -> list[Path]:
+    return [ctx.runs_dir, Path.cwd()]
+
+
+# --- handlers --------------------------------------------------------------------------------------------------
+def submit_export(
+    ctx: AppContext,
+    picked: str | None,
+    typed: str,
+    base: str,
+    out: str,
+    dtype: str,
+    shard: str,
+    merge_into: str,
+    overwrite: bool,
+    push: str,
+) -> tuple[str, str | None]:
+    """(message, export job id or None): everything is checked before the job is queued."""
+    try:
+        adapter = resolve_user_dir(typed, _roots(ctx)) if typed.strip() else (Path(picked) if picked else None)
+        if adapter is None:
+            return "Pick a run or type an adapter directory first.", None
+        out_dir = resolve_user_dir(out, _roots(ctx), "output dir") if out.strip() else None
+        req = ExportRequest(
+            adapter=adapter,
+            out=out_dir or default_export_dir(ctx.runs_dir, adapter),
+            base=resolve_base(base, _roots(ctx)),
+            dtype=dtype,
+            max_shard_size=shard.strip() or "2GB",
+            merge_into=merge_into,
+            overwrite=overwrite,
+            push_to_hub=push.strip() or None,
+        )
+        args = export_args(req)
+    except (AdapterError, ExportError, ConfigError) as e:
+        return f"**Not queued.** {e}", None
+    job_id = ctx.manager.submit_side_job("export", args, name=adapter_name(adapter))
+    ctx.manager.tick()
+    return f"Queued export `{job_id}` → `{req.out}`.", job_id
+
+
+def export_view(ctx: AppContext, job_id: str | None) -> tuple[str, str, str]:
+    """(progress, log tail, result) of one export job."""
+    job = ctx.manager.registry.get(job_id) if job_id else None
+    if job is None:
+        return "", "", ""
+    return progress_md(job), job_log(job), export_result_md(job)
+
+
+# --- layout -----------------------------------------------------------------------------------------------------
+def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+    gr.Markdown(
+        "### Export a merged model\nThe adapter is merged into its base and saved as a plain transformers model "
+        "(safetensors shards + index, config, generation config, tokenizer with its chat template, model card). "
+        "After saving, the model is reloaded and its logits compared with base + adapter; the export fails if "
+        "they differ by more than the dtype explains."
+    )
+    with gr.Row():
+        picked = gr.Dropdown(choices=[], label="Run", elem_id="export-run", scale=3)
+        refresh = gr.Button("↻", size="sm", elem_id="export-refresh", scale=0, min_width=40)
+        typed = gr.Textbox(label="…or an adapter directory", elem_id="export-adapter-dir", scale=2)
+    with gr.Row():
+        base = gr.Textbox(
+            label="Base override", placeholder="blank: the base it was trained on", elem_id="export-base"
+        )
+        out = gr.Textbox(
+            label="Output dir", placeholder="blank: <runs>/exports/<run>-merged", elem_id="export-out", scale=2
+        )
+    with gr.Row():
+        dtype = gr.Radio(["bf16", "fp16", "fp32"], value="bf16", label="dtype", elem_id="export-dtype")
+        shard = gr.Textbox("2GB", label="Max shard size", elem_id="export-shard")
+        merge_into = gr.Radio(["16bit", "dequantized"], value="16bit", label="Merge into", info=MERGE_HELP)
+    with gr.Row():
+        overwrite = gr.Checkbox(False, label="Replace the output dir if it is not empty", elem_id="export-overwrite")
+        push = gr.Textbox(label="Push to hub repo (optional, needs HF_TOKEN)", elem_id="export-push")
+    with gr.Row():
+        export = gr.Button("Export", variant="primary", elem_id="export-btn")
+        download = gr.DownloadButton("Download adapter only (.zip)", elem_id="export-zip")
+    message = gr.Markdown(elem_id="export-msg")
+    job = gr.Dropdown(choices=[], label="Export job", elem_id="export-job")
+    progress = gr.Markdown(elem_id="export-progress")
+    result = gr.Markdown(elem_id="export-result")
+    log = gr.Code(language=None, label="job.log", elem_id="export-log", max_lines=30)
+    timer = gr.Timer(2.0)
+    seen = gr.State(None)
+
+    def refresh_choices(current: str | None):
+        choices = adapter_choices(ctx.jobs_newest_first())
+        values = [v for _, v in choices]
+        jobs = [j.id for j in ctx.jobs_newest_first("export")]
+        return (
+            gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None)),
+            gr.Dropdown(choices=jobs),
+        )
+
+    refresh.click(refresh_choices, inputs=picked, outputs=[picked, job])
+    demo.load(refresh_choices, inputs=picked, outputs=[picked, job])
+
+    def on_export(*a: Any):
+        msg, job_id = submit_export(ctx, *a)
+        if job_id is None:
+            return msg, gr.skip()
+        return msg, gr.Dropdown(choices=[j.id for j in ctx.jobs_newest_first("export")], value=job_id)
+
+    export.click(
+        on_export,
+        inputs=[picked, typed, base, out, dtype, shard, merge_into, overwrite, push],
+        outputs=[message, job],
+    )
+
+    def on_tick(job_id: str | None, last: tuple | None):
+        view = export_view(ctx, job_id)
+        if view == last:
+            return gr.skip(), gr.skip(), gr.skip(), last
+        return (*view, view)
+
+    timer.tick(
+        on_tick,
+        inputs=[job, seen],
+        outputs=[progress, log, result, seen],
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
+    job.change(lambda j: export_view(ctx, j), inputs=job, outputs=[progress, log, result])
+
+    def make_zip(adapter: str | None):
+        if not adapter or Path(adapter).name != "adapter":  # a running run's checkpoint: zip it when it is done
+            return gr.skip()
+        try:
+            return str(zip_adapter(Path(adapter).parent, ctx.downloads_dir))
+        except FileNotFoundError:
+            return gr.skip()
+
+    picked.change(make_zip, inputs=picked, outputs=download)

@@ -1,0 +1,464 @@
+"""`lora-workbench export`: merge a trained adapter into its base and write a plain transformers model.
+
+    lora-workbench export --adapter runs/<run_id>/adapter --out exports/my-model
+    lora-workbench export --adapter runs/<run_id>/adapter --out exports/my-model --merge-into dequantized --dtype fp16
+
+Phases: 1 load base + adapter -> 2 merge (the reference logits are taken first, from the unmerged model) ->
+3 save into a temp dir next to --out -> 4 fidelity (reload the saved model with plain transformers, compare its
+logits with the reference) -> rename into place -> 5 push (only with --push-to-hub).
+
+Every problem with the request is reported before a model loads. A failed export leaves --out as it was: the temp
+dir is deleted, also when the fidelity check fails (its numbers are printed, and kept in <status-dir>/
+export_report.json). --merge-into dequantized is refused for an adapter trained on an unquantized base: there is
+nothing to dequantize, and silently doing a 16-bit merge instead would hide a wrong expectation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.adapter_source import AdapterError, AdapterSource, check_fits_base, read_adapter
+from trainer.config import ConfigError
+from trainer.job_status import JobStatus
+from trainer.run_dir import write_json_atomic
+
+SaveDtype = Literal["bf16", "fp16", "fp32"]
+MergeInto = Literal["16bit", "dequantized"]
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SHORT = {v: k for k, v in TORCH_DTYPES.items()} | {"int8": "int8"}
+# Allowed max |logit diff| as a fraction of max |reference logit|, keyed by the coarsest precision in the comparison
+# (the saved dtype, or the reference's compute dtype when that is coarser). Measured on the tiny model (2 layers,
+# max |logit| ~10-15, 4 prompts, CPU) over lora / dora / qlora / rslora / pissa / adalora / 8-bit, both merges:
+#   fp32 <= 4.5e-7   fp16 <= 1.7e-3   bf16 <= 1.0e-2 (2.2e-2 for rslora on other prompts)
+#   int8 (8-bit run, dequantized merge: LLM.int8 also rounds activations) <= 1.0e-2 in every dtype.
+# Deeper models accumulate more rounding, hence margins of 5-200x. A merge that drops the adapter moves the logits
+# by 1.1-1.4x max |logit| on these runs, far above every factor.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2, "int8": 1e-1}
+# Teacher-forced prompts (user, assistant) for the fidelity check; the tiny model's BPE was trained on text like this.
+PROMPTS = [
+    ("Review: The camera was awful.\nSentiment:", " negative"),
+    ("Review: Honestly, the phone was wonderful.\nSentiment:", " positive"),
+    ("Name the capital of France.", "The capital of France is Paris."),
+    ("Give the opposite of the word.\n\nhot", "cold"),
+]
+
+
+class ExportError(ValueError):
+    """An export that cannot be done or did not pass its check; the message says why and what to do."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    adapter: Path
+    out: Path
+    base: str | None = None  # overrides the base the adapter was trained on
+    dtype: SaveDtype = "bf16"  # of the saved weights
+    max_shard_size: str = "2GB"
+    merge_into: MergeInto = "16bit"  # 16bit: unquantized base; dequantized: the 4/8-bit base as trained, dequantized
+    overwrite: bool = False
+    push_to_hub: str | None = None
+    status_dir: Path | None = None
+
+
+def parse_shard_size(text: str) -> int:
+    """Bytes from "2GB", "500MB", "200KB", "1GiB" or a plain byte count (transformers' own parser)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    size = int(text) if text.strip().isdigit() else convert_file_size_to_int(text.strip())
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+def out_dir_problems(out: Path, source: AdapterSource, overwrite: bool) -> list[str]:
+    """--out must not hold or sit in the adapter or the base, and an existing non-empty one needs --overwrite."""
+    protected = {"adapter": source.path}
+    if Path(source.base).expanduser().exists():
+        protected["base model"] = Path(source.base).expanduser().resolve()
+    for what, path in protected.items():
+        if out == path or path in out.parents:
+            return [f"--out {out}: is the {what} directory {path} or inside it; choose a directory outside it"]
+        if out in path.parents:
+            return [f"--out {out}: contains the {what} ({path}); choose a directory that does not"]
+    if out.exists() and not out.is_dir():
+        return [f"--out {out}: is a file; choose a directory"]
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        return [
+            f"--out {out}: exists and is not empty; nothing was changed. Choose another directory, "
+            "or pass --overwrite to replace it once the new export has passed its checks"
+        ]
+    return []
+
+
+def push_problems(repo_id: str) -> list[str]:
+    """Everything that would stop the upload, checked before the merge work: offline, no token, bad id or token."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return ["--push-to-hub: offline (HF_HUB_OFFLINE=1); unset it to push, or upload the export later"]
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return [f"--push-to-hub: {repo_id!r} is not a valid repo id ({e})"]
+    token = get_token()  # HF_TOKEN, HUGGING_FACE_HUB_TOKEN or ~/.cache/huggingface/token; never printed
+    if not token:
+        return ["--push-to-hub: no hub token: set HF_TOKEN (a write token) or run `hf auth login`"]
+    try:
+        HfApi(token=token).whoami()
+    except Exception as e:  # any failure here means the upload would fail too
+        return [f"--push-to-hub: {hub_message(e, repo_id)}"]
+    return []
+
+
+def hub_message(e: Exception, repo_id: str) -> str:
+    """A readable line for a hub failure (the token is never part of it)."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 401:
+        return "the hub rejected the token (401); check HF_TOKEN or run `hf auth login` again"
+    if status == 403:
+        return f"the token may not write to {repo_id} (403); use a write token with access to that namespace"
+    if status is not None:
+        return f"the hub answered {status} for {repo_id}: {str(e).splitlines()[0]}"
+    return f"cannot reach the hub ({type(e).__name__}: {e})"
+
+
+def validate_request(req: ExportRequest) -> AdapterSource:
+    """Every check that needs no model weights; raises AdapterError or ExportError (all problems at once)."""
+    source = read_adapter(req.adapter, req.base)
+    problems = []
+    if req.dtype not in TORCH_DTYPES:
+        problems.append(f"--dtype: {req.dtype!r} is not one of bf16, fp16, fp32")
+    if req.merge_into not in ("16bit", "dequantized"):
+        problems.append(f"--merge-into: {req.merge_into!r} is not one of 16bit, dequantized")
+    elif req.merge_into == "dequantized" and source.quantization == "none":
+        problems.append(
+            "--merge-into dequantized: the adapter was trained on an unquantized base, so there is nothing to "
+            "dequantize; use --merge-into 16bit"
+        )
+    try:
+        parse_shard_size(req.max_shard_size)
+    except ValueError:
+        problems.append(f"--max-shard-size: {req.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
+    problems += out_dir_problems(req.out.expanduser().resolve(), source, req.overwrite)
+    if req.push_to_hub and not problems:  # the hub round trip only for an otherwise valid request
+        problems += push_problems(req.push_to_hub)
+    if problems:
+        raise ExportError("cannot export:\n" + "\n".join(f"  - {p}" for p in problems))
+    check_fits_base(source)
+    return source
+
+
+class Progress:
+    """JobStatus's `[export] k/N ...` lines and status.json, plus the seconds each phase took (for the report)."""
+
+    def __init__(self, phases: list[str], status_dir: Path | None):
+        if status_dir is not None:
+            Path(status_dir).mkdir(parents=True, exist_ok=True)
+        self.names, self.seconds = phases, {}
+        self.status = JobStatus("export", len(phases), str(status_dir) if status_dir else None)
+        self._open: tuple[str, float] | None = None
+
+    def phase(self, name: str, text: str) -> None:
+        self.close()
+        self.status.phase(self.names.index(name) + 1, text)
+        self._open = (name, time.perf_counter())
+
+    def close(self) -> None:
+        if self._open:
+            name, t0 = self._open
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            self._open = None
+
+    def copy_report(self, report: dict[str, Any] | None) -> None:
+        """export_report.json next to status.json: the UI finds the numbers of a failed check there too."""
+        if report and self.status.dir is not None:
+            write_json_atomic(self.status.dir.path / "export_report.json", report)
+
+
+def load_tokenizer_for(source: AdapterSource, req: ExportRequest):
+    """The adapter's tokenizer (it holds the chat template the run trained with), else the base's."""
+    from transformers import AutoTokenizer
+
+    trust = bool(source.cfg and source.cfg.model.trust_remote_code)
+    if (source.path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust)
+    return AutoTokenizer.from_pretrained(source.base, revision=base_revision(source, req), trust_remote_code=trust)
+
+
+def base_revision(source: AdapterSource, req: ExportRequest) -> str | None:
+    """The run's pinned revision applies to the run's own base, not to a --base override."""
+    return source.cfg.model.revision if source.cfg is not None and req.base is None else None
+
+
+def load_unmerged(source: AdapterSource, req: ExportRequest, cuda: bool) -> tuple[Any, str]:
+    """Base + adapter, unmerged, and the dtype its logits are computed in (the fidelity reference).
+
+    16bit: the unquantized base in fp32 on a CPU (merged there, then rounded once to --dtype), in --dtype on a GPU.
+    dequantized: the base quantized exactly as the run trained it.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": base_revision(source, req),
+        "trust_remote_code": bool(source.cfg and source.cfg.model.trust_remote_code),
+    }
+    if req.merge_into == "dequantized":
+        from trainer import device
+        from trainer.models import to_bnb_config
+
+        plan = device.plan(source.cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+        kwargs["dtype"] = getattr(torch, plan.model_dtype)
+        kwargs["quantization_config"] = to_bnb_config(source.cfg.quantization, plan.compute_dtype)
+        ref_dtype = "int8" if source.quantization == "8bit" else plan.compute_dtype  # LLM.int8 rounds activations
+    else:
+        ref_dtype = TORCH_DTYPES[req.dtype] if cuda else "float32"
+        kwargs["dtype"] = getattr(torch, ref_dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        source.base, device_map={"": 0 if cuda else "cpu"}, use_safetensors=True, **kwargs
+    )
+    from trainer.models import eval_as_trained
+
+    return eval_as_trained(PeftModel.from_pretrained(base, str(source.path))), ref_dtype
+
+
+def prompt_inputs(tokenizer) -> list[Any]:
+    """Token ids of the fidelity prompts, rendered with the chat template when there is one."""
+    inputs = []
+    for user, answer in PROMPTS:
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        if tokenizer.chat_template:
+            enc = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+        else:
+            enc = tokenizer(f"{user}\n{answer}", return_tensors="pt")
+        inputs.append(enc["input_ids"])
+    return inputs
+
+
+def forward_logits(model: Any, inputs: list[Any]) -> list[Any]:
+    """Teacher-forced logits per prompt, as float32 on the CPU."""
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
+
+
+def merge_adapter(model: Any, source: AdapterSource, req: ExportRequest, cuda: bool) -> Any:
+    """merge_and_unload into the --dtype model; for dequantized, dequantize the base first and re-apply the adapter."""
+    import torch
+    from peft import PeftModel
+
+    target = getattr(torch, TORCH_DTYPES[req.dtype])
+    if req.merge_into == "dequantized":
+        base = model.unload()  # the quantized base without adapter layers
+        base = base.dequantize(dtype=target if cuda else torch.float32)
+        model = PeftModel.from_pretrained(base, str(source.path))
+    return model.merge_and_unload().to(target)
+
+
+def save_model(model: Any, tokenizer: Any, tmp: Path, max_shard_size: int) -> list[str]:
+    """Safetensors shards (+ index when sharded), config, generation config and tokenizer; returns the shard names."""
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    return sorted(p.name for p in tmp.glob("*.safetensors"))
+
+
+def compare(reference: list[Any], logits: list[Any], tol_key: str) -> dict[str, Any]:
+    """Logit differences, greedy agreement and the verdict; a NaN anywhere fails."""
+    import torch
+
+    diffs = [(r - g).abs() for r, g in zip(reference, logits, strict=True)]
+    positions = sum(d.shape[0] for d in diffs)
+    max_diff = float(torch.stack([d.max() for d in diffs]).max())
+    mean_diff = float(sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs))
+    agree = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(reference, logits, strict=True))
+    scale = max(float(torch.stack([r.abs().max() for r in reference]).max()), 1.0)
+    tolerance = TOLERANCE[tol_key] * scale
+    return {
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": mean_diff,
+        "greedy_agreement": agree / positions,
+        "tolerance": tolerance,
+        "tolerance_rule": f"{TOLERANCE[tol_key]:g} x max |reference logit| ({scale:.4g}), {tol_key}",
+        "passed": bool(max_diff <= tolerance),
+        "prompts": len(reference),
+        "positions": positions,
+    }
+
+
+def fidelity_check(model_dir: Path, inputs: list[Any], reference: list[Any], tol_key: str, cuda: bool) -> dict:
+    """Load the saved model with plain transformers and compare its logits with base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), device_map={"": 0} if cuda else None)
+    logits = forward_logits(model, inputs)
+    del model
+    return compare(reference, logits, tol_key)
+
+
+def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename tmp to out; an existing out is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:  # something appeared there while we worked: never replace it unasked
+            raise ExportError(f"--out {out}: was filled by something else during the export; nothing was changed")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    elif out.is_dir():
+        out.rmdir()
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def push(out: Path, repo_id: str) -> str:
+    """Create the repo if needed and upload the export directory; returns the repo URL."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HTTPError
+
+    api = HfApi(token=get_token())
+    try:
+        url = api.create_repo(repo_id, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(out), commit_message="Upload merged model (lora-workbench export)"
+        )
+    except (HTTPError, OSError) as e:
+        raise ExportError(f"push-to-hub: {hub_message(e, repo_id)}; the export itself is complete in {out}") from e
+    return str(url)
+
+
+def print_fidelity(f: dict[str, Any]) -> None:
+    verdict = "passed" if f["passed"] else "FAILED"
+    print(
+        f"[export] fidelity {verdict}: max |logit diff| {f['max_abs_logit_diff']:.4g} (tolerance {f['tolerance']:.4g}"
+        f" = {f['tolerance_rule']}), mean {f['mean_abs_logit_diff']:.4g}, greedy agreement "
+        f"{f['greedy_agreement']:.1%} over {f['positions']} positions",
+        flush=True,
+    )
+
+
+def run_export(req: ExportRequest) -> dict[str, Any]:
+    """Validate, merge, save, check and (optionally) push; returns the export report. Raises on failure."""
+    progress = Progress(["load", "merge", "save", "fidelity"] + (["push"] if req.push_to_hub else []), req.status_dir)
+    progress.status.start()
+    try:
+        report = _export(req, progress)
+    except Exception as e:
+        expected = isinstance(e, (AdapterError, ConfigError, ExportError))
+        progress.copy_report(getattr(e, "report", None))
+        progress.status.fail(str(e) if expected else f"{type(e).__name__}: {e}")
+        raise
+    progress.copy_report(report)
+    progress.status.finish(report)
+    return report
+
+
+def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
+    import torch
+
+    source = validate_request(req)
+    out, cuda = req.out.expanduser().resolve(), torch.cuda.is_available()
+    progress.phase("load", f"loading base {source.base} + {source.method} adapter ({'cuda' if cuda else 'cpu'})")
+    tokenizer = load_tokenizer_for(source, req)
+    inputs = prompt_inputs(tokenizer)
+    model, ref_dtype = load_unmerged(source, req, cuda)
+    progress.phase("merge", f"merging into the {req.merge_into} base, saved as {req.dtype}")
+    reference = forward_logits(model, inputs)
+    merged = merge_adapter(model, source, req, cuda)
+    del model
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")  # same filesystem as out: the final rename is atomic
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        progress.phase("save", f"saving safetensors (shards up to {req.max_shard_size}) and tokenizer")
+        shards = save_model(merged, tokenizer, tmp, parse_shard_size(req.max_shard_size))
+        del merged
+        gc.collect()
+        progress.phase("fidelity", "fidelity check: reloading the saved model with plain transformers")
+        tol_key = max(req.dtype, SHORT[ref_dtype], key=TOLERANCE.__getitem__)
+        fidelity = fidelity_check(tmp, inputs, reference, tol_key, cuda)
+        progress.close()
+        print_fidelity(fidelity)
+        report = {
+            "base": source.base,
+            "adapter": str(source.path),
+            "method": source.method,
+            "quantization": source.quantization,
+            "merge_into": req.merge_into,
+            "dtype": req.dtype,
+            "out": str(out),
+            "shards": shards,
+            "size_bytes": sum((tmp / s).stat().st_size for s in shards),
+            "max_shard_size": req.max_shard_size,
+            "device": "cuda" if cuda else "cpu",
+            "seconds": dict(progress.seconds),
+            "fidelity": fidelity,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if not fidelity["passed"]:
+            raise ExportError(
+                f"fidelity check failed: the merged model's logits differ from base + adapter by up to "
+                f"{fidelity['max_abs_logit_diff']:.4g} (tolerance {fidelity['tolerance']:.4g}); nothing was written "
+                f"to {out}",
+                report,
+            )
+        from trainer.merged_card import merged_card
+
+        (tmp / "README.md").write_text(merged_card(source, report), encoding="utf-8")
+        write_json_atomic(tmp / "export_report.json", report)
+        move_into_place(tmp, out, req.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    if req.push_to_hub:
+        progress.phase("push", f"uploading {out} to the hub as {req.push_to_hub}")
+        try:
+            report["pushed_to"] = push(out, req.push_to_hub)
+        except ExportError as e:
+            e.report = report  # the export itself is complete and checked: the job view still shows its numbers
+            raise
+        progress.close()
+        report["seconds"] = dict(progress.seconds)
+    return report
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """CLI entry: 0 exported and checked, 1 failed (a message on stderr, no traceback for expected failures)."""
+    req = ExportRequest(
+        adapter=Path(args.adapter),
+        out=Path(args.out),
+        base=args.base,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        merge_into=args.merge_into,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        status_dir=Path(args.status_dir) if args.status_dir else None,
+    )
+    try:
+        report = run_export(req)
+    except (AdapterError, ConfigError, ExportError) as e:
+        print(f"lora-workbench export: {e}", file=sys.stderr)
+        return 1
+    except Exception:  # unexpected: status.json has the message, the log keeps the traceback
+        traceback.print_exc()
+        return 1
+    mb = report["size_bytes"] / 1e6
+    print(f"[export] done: {report['out']} ({len(report['shards'])} shard(s), {mb:.1f} MB, {report['dtype']})")
+    return 0

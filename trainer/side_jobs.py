@@ -1,0 +1,94 @@
+"""Export and evaluate jobs as the UI sees them: the request checked and turned into command arguments before
+it is queued, and a finished job's progress, log and numbers turned into text and table rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.export import ExportRequest, validate_request
+from trainer.job_status import read_json, read_result
+from trainer.jobs import log_file, log_tail
+from trainer.registry import Job
+from trainer.run_dir import read_status
+
+
+def export_args(req: ExportRequest) -> list[str]:
+    """Check the request as `lora-workbench export` would (nothing loads), then its argument list."""
+    validate_request(req)
+    args = ["--adapter", str(req.adapter), "--out", str(req.out), "--dtype", req.dtype]
+    args += ["--max-shard-size", req.max_shard_size, "--merge-into", req.merge_into]
+    if req.base:
+        args += ["--base", req.base]
+    if req.overwrite:
+        args.append("--overwrite")
+    if req.push_to_hub:
+        args += ["--push-to-hub", req.push_to_hub]
+    return args
+
+
+def default_export_dir(runs_dir: Path, adapter_dir: str | Path) -> Path:
+    from trainer.chat_sources import adapter_name
+
+    return runs_dir / "exports" / f"{adapter_name(adapter_dir)}-merged"
+
+
+def progress_md(job: Job) -> str:
+    """One line: kind, id, state, phase k/N and what it is doing (or the error)."""
+    status = read_status(Path(job.run_dir)) or {}
+    head = f"**{job.kind}** `{job.id}`: {job.state}"
+    if job.state == "queued":
+        return head + " (waits for the job ahead of it)"
+    if job.state == "running":
+        return head + f", step {status.get('step', 0) + 1}/{status.get('max_steps') or '?'}: {status.get('phase', '')}"
+    if job.state == "failed":
+        return head + f"\n\n```\n{(job.error or status.get('error') or '').strip()[:2000]}\n```"
+    return head
+
+
+def job_log(job: Job, lines: int = 40) -> str:
+    log = log_file(job)
+    return log_tail(log.parent, lines, log.name)
+
+
+def export_result_md(job: Job) -> str:
+    """The export's output and fidelity numbers (also of a failed check, from export_report.json)."""
+    report = read_result(Path(job.run_dir)) or read_json(Path(job.run_dir) / "export_report.json")
+    if report is None:
+        return ""
+    f = report.get("fidelity") or {}
+    lines = []
+    if "out" in report and job.state == "completed":
+        mb = report.get("size_bytes", 0) / 1e6
+        lines.append(
+            f"Merged model: `{report['out']}` ({len(report.get('shards', []))} shard(s), {mb:.1f} MB, "
+            f"{report.get('dtype')}, merged into {report.get('merge_into')})"
+        )
+    if f:
+        verdict = "passed" if f.get("passed") else "FAILED"
+        lines.append(
+            f"Fidelity check {verdict}: max |logit diff| {f['max_abs_logit_diff']:.3g} "
+            f"(tolerance {f['tolerance']:.3g}), mean {f.get('mean_abs_logit_diff', 0):.3g}, "
+            f"greedy-token agreement {f.get('greedy_agreement', 0):.1%}"
+        )
+    if report.get("pushed_to"):
+        lines.append(f"Pushed to {report['pushed_to']}")
+    return "\n\n".join(lines)
+
+
+EVAL_HEADERS = ["model", "exact match", "loss", "perplexity"]
+
+
+def eval_rows(result: dict[str, Any] | None) -> list[list[Any]]:
+    if not result:
+        return []
+    return [
+        [who, f"{result[who]['exact_match']:.1%}", result[who]["loss"], result[who]["perplexity"]]
+        for who in ("base", "adapter")
+        if who in result
+    ]
+
+
+def read_eval(run_path: Path) -> dict[str, Any] | None:
+    """A run's eval_results.json (written by `lora-workbench evaluate`), if it has one."""
+    return read_json(run_path / "eval_results.json")
