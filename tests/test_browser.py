@@ -188,6 +188,7 @@ def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> Non
     page.locator("#open-run input").click()
     page.get_by_role("option", name=finished[0]).click()
     page.wait_for_function("() => document.querySelector('#run-config')?.innerText.includes('adapter')")
+    page.wait_for_function(f"() => document.querySelector('#runs-note')?.innerText.includes('{finished[0]}')")
     with page.expect_download() as download:
         page.click("#download-adapter")
     names = zipfile.ZipFile(download.value.path()).namelist()
