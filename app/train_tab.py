@@ -70,6 +70,7 @@ def estimate_md(ctx: AppContext, values: dict[str, Any]) -> str:
         f"Effective batch: {t.per_device_batch_size} × {t.gradient_accumulation_steps} accumulation"
         f" × {max(cfg.hardware.num_gpus, 1)} GPU(s) = "
         f"{t.per_device_batch_size * t.gradient_accumulation_steps * max(cfg.hardware.num_gpus, 1)} sequences/step."
+        + (f"  \n{est.memory.summary(est.total_params)}" if est.memory else "")
     )
 
 

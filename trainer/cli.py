@@ -23,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 
-    est = sub.add_parser("estimate", help="trainable parameters and adapter size, without loading weights")
+    est = sub.add_parser("estimate", help="trainable parameters, adapter size and peak GPU memory, without weights")
     est.add_argument("config")
+    est.add_argument(
+        "--gpu-memory", type=float, help="check the fit against a GPU of this many GB (default: this one's)"
+    )
 
     tiny = sub.add_parser("make-tiny-model", help="build the offline tiny model with tokenizer + chat template")
     tiny.add_argument("out_dir")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "estimate":
         from trainer.estimate import estimate_command
 
-        return estimate_command(args.config)
+        return estimate_command(args.config, args.gpu_memory)
     if args.command == "make-tiny-model":
         from trainer.tiny_model import make_tiny_model
 

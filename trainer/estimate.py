@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import yaml
 
 from trainer.config import ConfigError, RunConfig
+from trainer.memory import MemoryEstimate, detect_gpu, memory_estimate, shapes_of
+from trainer.model_configs import kept_config_dir
 
 
 @dataclass(frozen=True)
@@ -22,13 +24,15 @@ class Estimate:
     trainable_percent: float
     adapter_mb: float
     adapter_dtype: str
+    memory: MemoryEstimate | None = None
 
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
             f"({self.trainable_percent:.4f}%)",
             f"adapter size: {self.adapter_mb:.2f} MB ({self.adapter_dtype})",
         ]
+        return out + (self.memory.lines() if self.memory else [])
 
 
 def load_model_config(cfg: RunConfig):
@@ -42,6 +46,9 @@ def load_model_config(cfg: RunConfig):
             path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as e:
+        kept = kept_config_dir(path)  # offline, or not downloaded yet: the shapes kept in presets/configs
+        if kept is not None:
+            return AutoConfig.from_pretrained(kept)
         raise ConfigError([f"model.name_or_path: cannot read the config.json of {path!r} ({e})"]) from None
 
 
@@ -52,7 +59,9 @@ def counting_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def estimate(cfg: RunConfig) -> Estimate:
+def estimate(cfg: RunConfig, gpu: tuple[int | None, str | None] | None = None) -> Estimate:
+    """Parameter counts (PEFT's own, on the meta device) and the predicted peak memory, checked against gpu
+    ((total bytes, name); default: the GPU of this machine, if any)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -63,24 +72,29 @@ def estimate(cfg: RunConfig) -> Estimate:
     model_config = load_model_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
+        shapes = shapes_of(model, model_config, cfg)
         steps = max(cfg.adapter.tinit + cfg.adapter.tfinal + 1, 1000)  # AdaLoRA's schedule does not change shapes
         peft_model = get_peft_model(model, to_peft_config(counting_config(cfg), steps))
     trainable, total = count_parameters(peft_model)
     # TRL stores QLoRA adapters in bf16 (the paper's recipe); otherwise PEFT keeps them in fp32.
     dtype, nbytes = ("bfloat16", 2) if cfg.quantization.mode != "none" else ("float32", 4)
-    return Estimate(trainable, total, round(100 * trainable / total, 4), round(trainable * nbytes / 2**20, 3), dtype)
+    gpu_total, gpu_name = gpu if gpu is not None else detect_gpu()
+    memory = memory_estimate(cfg, shapes, trainable, nbytes, gpu_total, gpu_name)
+    return Estimate(
+        trainable, total, round(100 * trainable / total, 4), round(trainable * nbytes / 2**20, 3), dtype, memory
+    )
 
 
-def estimate_command(config_path: str) -> int:
+def estimate_command(config_path: str, gpu_memory_gb: float | None = None) -> int:
     from trainer.presets import load_config
 
+    gpu = (int(gpu_memory_gb * 2**30), f"a {gpu_memory_gb:g} GB GPU") if gpu_memory_gb else None
     try:
-        result = estimate(load_config(config_path))
+        result = estimate(load_config(config_path), gpu)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 1
     print("\n".join(result.lines()))
-    print(asdict(result))
     return 0
 
 
