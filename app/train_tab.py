@@ -12,7 +12,7 @@ import gradio as gr
 from app import plots
 from app.context import AppContext
 from app.widgets import make_widget
-from trainer.config import ConfigError
+from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, preview_data
 from trainer.form import FIELDS, GROUPS, apply_preset, cli_command, config_from_form, default_values
@@ -104,20 +104,54 @@ def config_preview(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str]:
     return cfg.to_yaml(), cmd
 
 
-def start_run(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str | None]:
-    """Validate config and data, then queue the run; (message, run id or None)."""
+def checked_config(ctx: AppContext, values: dict[str, Any], refused: str) -> tuple[RunConfig | None, str]:
+    """(the form's config, "") when it and its data are valid, else (None, what to fix)."""
     try:
         cfg = config_from_form(values, str(ctx.runs_dir))
     except ConfigError as e:
-        return _problems_md("Not started. Fix these fields:", e.problems), None
+        return None, _problems_md(f"{refused}. Fix these fields:", e.problems)
     check = preview_data(cfg, n_rows=0)
     if check.errors:
-        return _problems_md(f"Not started: the data has problems ({check.source}):", check.errors), None
+        return None, _problems_md(f"{refused}: the data has problems ({check.source}):", check.errors)
+    return cfg, ""
+
+
+def start_run(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str | None]:
+    """Validate config and data, then queue the run; (message, run id or None)."""
+    cfg, problems = checked_config(ctx, values, "Not started")
+    if cfg is None:
+        return problems, None
     run_id = ctx.manager.submit(cfg)
     ctx.manager.tick()
     pos = ctx.manager.queue_position(run_id)
     where = f"queued at position {pos}" if pos else "started"
     return f"Run `{run_id}` {where}. Its files: `{ctx.runs_dir / run_id}`", run_id
+
+
+def start_preflight(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str | None]:
+    """Queue `lora-workbench preflight` on the form's config; (message, job id or None)."""
+    cfg, problems = checked_config(ctx, values, "No pre-flight")
+    if cfg is None:
+        return problems, None
+    job_id = ctx.manager.submit_side_job(
+        "preflight", ["config.yaml"], name=cfg.output.run_name, inputs={"config.yaml": cfg.to_yaml()}
+    )
+    ctx.manager.tick()
+    return f"Pre-flight `{job_id}` queued: a few steps on the longest rows of the data.", job_id
+
+
+def preflight_md(ctx: AppContext, job_id: str | None) -> str:
+    """The pre-flight job's progress, then what it measured (and the change that fits, after an OOM)."""
+    from trainer.job_status import read_result
+    from trainer.preflight import PreflightReport
+    from trainer.side_jobs import progress_md
+
+    job = ctx.manager.registry.get(job_id) if job_id else None
+    if job is None:
+        return ""
+    result = read_result(Path(job.run_dir))
+    lines = PreflightReport.from_dict(result).lines() if result else []
+    return progress_md(job) + "".join(f"  \n{line}" for line in lines)
 
 
 def stop_run(ctx: AppContext, run_id: str | None) -> str:
@@ -223,7 +257,11 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
                 start = gr.Button("Start", variant="primary", elem_id="start-btn")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
                 show = gr.Button("Preview config", elem_id="preview-config-btn")
+                pre = gr.Button("Pre-flight", elem_id="preflight-btn")
             message = gr.Markdown(elem_id="start-msg")
+            preflight_out = gr.Markdown(elem_id="preflight-result")
+            preflight_job = gr.State(None)
+            preflight_timer = gr.Timer(2.0, active=False)
             with gr.Accordion("Config preview: the exact config.yaml and the command that runs it", open=False):
                 config_yaml = gr.Code(language="yaml", label="config.yaml", elem_id="config-yaml")
                 config_cli = gr.Code(language="shell", label="command line", elem_id="config-cli")
@@ -281,6 +319,21 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
 
     start.click(on_start, inputs=form, outputs=[message, monitor["run"], monitor["seen"], monitor["timer"]])
     stop.click(lambda run_id: stop_run(ctx, run_id), inputs=monitor["run"], outputs=message)
+
+    def on_preflight(*a: Any):
+        msg, job_id = start_preflight(ctx, as_values(a))
+        return msg, job_id, gr.Timer(active=job_id is not None)
+
+    pre.click(on_preflight, inputs=form, outputs=[preflight_out, preflight_job, preflight_timer])
+
+    def preflight_tick(job_id: str | None):
+        job = ctx.manager.registry.get(job_id) if job_id else None
+        done = job is None or job.state in ("completed", "failed", "stopped")
+        return preflight_md(ctx, job_id), gr.Timer(active=not done)
+
+    preflight_timer.tick(
+        preflight_tick, inputs=preflight_job, outputs=[preflight_out, preflight_timer], show_progress="hidden"
+    )
 
     outs = [
         monitor[k] for k in ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen", "timer")

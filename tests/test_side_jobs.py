@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,21 @@ def test_progress_and_fidelity_text(tmp_path: Path):
     write_json_atomic(tmp_path / "export_report.json", report)  # a failed check leaves only this
     assert "Fidelity check FAILED" in export_result_md(job_in(tmp_path, "export", "failed"))
     assert eval_rows(None) == []
+
+
+def test_preflight_from_the_form_runs_as_a_job_and_reports(tmp_path: Path):
+    from app.train_tab import preflight_md, start_preflight
+    from trainer.form import default_values
+
+    ctx = AppContext(tmp_path / "runs", JobManager(tmp_path / "runs", max_running=1, cwd=ROOT))
+    values = default_values(str(ctx.runs_dir), "examples/tiny-lora.yaml")
+    msg, job_id = start_preflight(ctx, values)
+    assert job_id is not None and msg.startswith("Pre-flight"), msg
+    assert Path(ctx.manager.registry.get(job_id).run_dir, "config.yaml").is_file()
+    deadline = time.monotonic() + 120
+    while ctx.manager.registry.get(job_id).state not in ("completed", "failed") and time.monotonic() < deadline:
+        ctx.manager.tick()
+        time.sleep(0.2)
+    text = preflight_md(ctx, job_id)
+    assert ": completed" in text and "as configured: ok" in text and "ETA of the full run" in text, text
+    assert start_preflight(ctx, {**values, "training.max_steps": "x"})[1] is None

@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory", type=float, help="check the fit against a GPU of this many GB (default: this one's)"
     )
 
+    pre = sub.add_parser("preflight", help="train a few steps on the longest rows: peak memory, tokens/s, ETA")
+    pre.add_argument("config")
+    pre.add_argument("--steps", type=int, default=6, help="optimizer steps of each short run (default 6)")
+    pre.add_argument("--status-dir", help="also write status.json and result.json there (used by the UI's jobs)")
+
     tiny = sub.add_parser("make-tiny-model", help="build the offline tiny model with tokenizer + chat template")
     tiny.add_argument("out_dir")
 
@@ -77,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.estimate import estimate_command
 
         return estimate_command(args.config, args.gpu_memory)
+    if args.command == "preflight":
+        from trainer.preflight import preflight_command
+
+        return preflight_command(args.config, args.steps, args.status_dir)
     if args.command == "make-tiny-model":
         from trainer.tiny_model import make_tiny_model
 

@@ -25,7 +25,7 @@ from trainer.registry import Job, Registry
 from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status, write_json_atomic
 
 STOP_GRACE_S = 30.0
-SIDE_KINDS = ("export", "evaluate")
+SIDE_KINDS = ("export", "evaluate", "preflight")
 JOBS_SUBDIR = ".jobs"
 
 
@@ -88,8 +88,13 @@ class JobManager:
             self.registry.add(run_id, cfg.output.run_name, "train", run.config, run.path)
         return run_id
 
-    def submit_side_job(self, kind: str, args: list[str], name: str | None = None) -> str:
-        """Queue `lora-workbench <kind> ARGS --status-dir <job dir>`; returns the job id."""
+    def submit_side_job(
+        self, kind: str, args: list[str], name: str | None = None, inputs: dict[str, str] | None = None
+    ) -> str:
+        """Queue `lora-workbench <kind> ARGS --status-dir <job dir>`; returns the job id.
+
+        inputs are files written into the job dir first (e.g. a config); an argument equal to one of their
+        names becomes that file's path."""
         if kind not in SIDE_KINDS:
             raise ValueError(f"unknown job kind {kind!r} (one of {', '.join(SIDE_KINDS)})")
         root = self.runs_dir / JOBS_SUBDIR
@@ -98,6 +103,9 @@ class JobManager:
             job_id = new_run_id(f"{kind}-{name}" if name else kind, root)
             path = root / job_id
             path.mkdir()
+            for file_name, text in (inputs or {}).items():
+                (path / Path(file_name).name).write_text(text, encoding="utf-8")
+            args = [str(path / a) if a in (inputs or {}) else a for a in args]
             write_json_atomic(path / "job.json", {"kind": kind, "args": args})
             RunDir(path).write_status(state="queued")
             self.registry.add(job_id, name, kind, path / "job.json", path)
