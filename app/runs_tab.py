@@ -35,6 +35,7 @@ def compare(ctx: AppContext, run_ids: list[str]) -> tuple[Any, dict[str, Any], l
                     r,
                     row[COLUMNS.index("tokens/s")],
                     row[COLUMNS.index("peak memory (GB)")],
+                    row[COLUMNS.index("predicted GPU peak (GB)")],
                     row[COLUMNS.index("duration")],
                 ]
             )
@@ -95,7 +96,7 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             headers=["field"], label="Config fields that differ", interactive=False, wrap=True, elem_id="config-diff"
         )
         perf = gr.Dataframe(
-            headers=["run", "tokens/s", "peak memory (GB)", "duration"],
+            headers=["run", "tokens/s", "peak memory (GB)", "predicted GPU peak (GB)", "duration"],
             label="Throughput and peak memory",
             interactive=False,
             elem_id="compare-perf",

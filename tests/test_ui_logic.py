@@ -29,6 +29,7 @@ from trainer.presets import build_config, load_config
 from trainer.registry import Job
 from trainer.run_dir import write_json_atomic
 from trainer.runs_index import (
+    COLUMNS,
     SummaryCache,
     config_diff,
     flatten,
@@ -497,14 +498,17 @@ def test_summarize_a_run_dir(tmp_path: Path) -> None:
         1.75,
         "30s",
         "1.500 (cpu)",
+        "",
         200.0,
     ]
     assert summarize(run, name="renamed").name == "renamed"
 
     with open(run / "metrics.jsonl", "a") as f:
         f.write("\n" + _line("system", 8, gpu_mem_peak_gb=3.0, cpu_rss_gb=9.0))
+        f.write("\n" + _line("event", 0, event="memory_estimate", predicted_peak_gb=3.25))
     s = summarize(run)
     assert s.peak_mem_gb == 3.0 and s.mem_kind == "gpu"  # GPU peak wins over host RSS
+    assert s.predicted_gb == 3.25 and s.row()[COLUMNS.index("predicted GPU peak (GB)")] == 3.25
 
 
 def test_summarize_an_empty_run_dir(tmp_path: Path) -> None:
@@ -519,7 +523,7 @@ def test_summarize_an_empty_run_dir(tmp_path: Path) -> None:
         None,
         None,
     )
-    assert s.method == "lora r?" and s.row()[5:] == ["0", "", "", "", "", ""]
+    assert s.method == "lora r?" and s.row()[5:] == ["0", "", "", "", "", "", ""]
 
 
 def test_summary_cache_recomputes_only_on_change(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ COLUMNS = [
     "eval loss",
     "duration",
     "peak memory (GB)",
+    "predicted GPU peak (GB)",
     "tokens/s",
 ]
 
@@ -47,6 +48,7 @@ class RunSummary:
     peak_mem_gb: float | None
     mem_kind: str  # "gpu" or "cpu": what peak_mem_gb measured
     tokens_per_second: float | None
+    predicted_gb: float | None = None  # the memory estimate written when the run started
 
     def row(self) -> list[Any]:
         steps = f"{self.step}/{self.max_steps}" if self.max_steps else str(self.step)
@@ -63,6 +65,7 @@ class RunSummary:
             _round(self.eval_loss),
             duration,
             peak,
+            _round(self.predicted_gb, 3),
             _round(self.tokens_per_second, 1),
         ]
 
@@ -101,6 +104,7 @@ def summarize(run_path: Path, name: str | None = None) -> RunSummary:
     gpu = [m.get("gpu_mem_peak_gb") for m in system if m.get("gpu_mem_peak_gb") is not None]
     cpu = [m.get("cpu_rss_gb") for m in system if m.get("cpu_rss_gb") is not None]
     tps = [m["tokens_per_second"] for m in train if m.get("tokens_per_second")]
+    predicted = [m["predicted_peak_gb"] for m in lines if m.get("event") == "memory_estimate"]
     started, ended = status.get("started_at"), status.get("ended_at")
     return RunSummary(
         run_id=run_path.name,
@@ -116,6 +120,7 @@ def summarize(run_path: Path, name: str | None = None) -> RunSummary:
         peak_mem_gb=max(gpu) if gpu else (max(cpu) if cpu else None),
         mem_kind="gpu" if gpu else "cpu",
         tokens_per_second=sum(tps) / len(tps) if tps else None,
+        predicted_gb=predicted[-1] if predicted else None,
     )
 
 
