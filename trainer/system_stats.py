@@ -1,15 +1,19 @@
 """Memory and utilisation samples for metrics.jsonl's `system` lines.
 
-On CUDA: torch's allocator counters (host-side reads, no device sync) plus NVML totals/utilisation when the
-library is present. On a CPU-only machine: the process's resident memory.
+On CUDA: torch's allocator counters (host-side reads, no device sync) plus NVML utilisation when the library
+is present, polled on a daemon thread so the training thread never waits for the driver. On a CPU-only
+machine: the process's resident memory.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from typing import Any
 
 GB = 1024**3
+NVML_INTERVAL_S = 1.0
 
 
 @functools.cache
@@ -38,12 +42,33 @@ def system_sample() -> dict[str, Any]:
         "gpu_mem_total_gb": round(torch.cuda.get_device_properties(dev).total_memory / GB, 4),
         "gpu_util_percent": None,
     }
-    handle = _nvml_handle(dev)
-    if handle is not None:
+    sample["gpu_util_percent"] = _utilisation_poller(dev).latest
+    return sample
+
+
+class UtilisationPoller:
+    """The GPU's utilisation from NVML, read every NVML_INTERVAL_S on its own thread; latest is None until known."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.latest = handle, None
+        threading.Thread(target=self._loop, name="nvml-poller", daemon=True).start()
+
+    def _loop(self) -> None:
         import pynvml
 
-        try:
-            sample["gpu_util_percent"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-        except pynvml.NVMLError:
-            pass
-    return sample
+        while True:
+            try:
+                self.latest = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            except pynvml.NVMLError:
+                self.latest = None
+            time.sleep(NVML_INTERVAL_S)
+
+
+class _NoPoller:
+    latest = None
+
+
+@functools.cache
+def _utilisation_poller(index: int) -> UtilisationPoller | _NoPoller:
+    handle = _nvml_handle(index)
+    return UtilisationPoller(handle) if handle is not None else _NoPoller()
