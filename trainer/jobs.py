@@ -265,7 +265,12 @@ class JobManager:
     def start(self, interval_s: float = 1.0) -> None:
         def loop() -> None:
             while not self._stop_event.wait(interval_s):
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # e.g. the registry's disk is full: keep the queue alive, try again next tick
+                    import traceback
+
+                    traceback.print_exc()
 
         self.tick()
         self._thread = threading.Thread(target=loop, name="job-queue", daemon=True)
