@@ -290,3 +290,19 @@ def test_train_then_chat_in_compare_mode_then_export(page, server: Server) -> No
     screenshot(page, "export-tab.png")
     out = server.runs_dir / "exports" / f"{run_id}-merged"
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+def test_ten_pages_watch_one_run(browser, server: Server) -> None:
+    contexts = [browser.new_context(viewport={"width": 1300, "height": 900}) for _ in range(10)]
+    try:
+        pages = [c.new_page() for c in contexts]
+        for pg in pages:
+            pg.set_default_timeout(90_000)
+            open_app(pg, server)
+        run_id = start_from_page(pages[0], training__max_steps=60, training__logging_steps=5)
+        for pg in pages:  # every page, however it was opened, ends on the same finished run and its 12 points
+            wait_until(lambda pg=pg: run_state(pg, run_id)[0] == "completed", 240, "each page to see the run end")
+            wait_until(lambda pg=pg: pg.evaluate(LOSS_POINTS_JS) == 12, 60, "each page's full loss curve")
+    finally:
+        for c in contexts:
+            c.close()
