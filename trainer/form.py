@@ -48,6 +48,12 @@ ADVANCED = {
     "training.seed",
     "training.save_total_limit",
     "training.resume_from_checkpoint",
+    "training.padding_free",
+    "training.group_by_length",
+    "training.dataloader_num_workers",
+    "training.torch_compile",
+    "training.use_liger_kernel",
+    "training.tf32",
 }
 # Runs dir is the server's, not the form's: every UI run lives under it.
 HIDDEN = {"output.runs_dir"}

@@ -103,8 +103,17 @@ def to_sft_config(cfg: RunConfig, run: RunDir, flags: dict[str, bool], has_eval:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        max_length=cfg.data.max_length,
+        # Rows arrive already cut to max_length (data.overlength). TRL refuses padding_free without packing while
+        # max_length is set, as it would not cut them itself.
+        max_length=None if t.padding_free and not t.packing else cfg.data.max_length,
         packing=t.packing,
+        packing_strategy="bfd",  # rows kept whole and apart; "wrapped" cuts rows and lets them attend to each other
+        padding_free=t.padding_free,
+        loss_type="nll",  # plain token NLL; TRL 1.16's "chunked_nll" is only a deprecated alias of it
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=t.dataloader_num_workers,
+        torch_compile=t.torch_compile,
+        use_liger_kernel=t.use_liger_kernel,
         report_to=[],
         disable_tqdm=True,
         **flags,
@@ -158,10 +167,11 @@ def prepare(s: Session):
     from trainer.tokenization import chat_template_of
 
     cuda, gpus, bf16_ok = device.detect()
-    problems = device.hardware_problems(s.cfg, cuda, gpus, bf16_ok)
+    tf32_ok = cuda and device.tf32_supported()
+    problems = device.hardware_problems(s.cfg, cuda, gpus, bf16_ok, tf32_ok)
     if problems:
         raise ConfigError(problems)
-    plan = device.plan(s.cfg, cuda, bf16_ok)
+    plan = device.plan(s.cfg, cuda, bf16_ok, tf32_ok)
     path = model_path(s.cfg)
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
@@ -222,7 +232,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
         peft_config=to_peft_config(s.cfg, total),
         callbacks=[s.nan_guard, s.stop, CheckpointMarker()],
     )
-    counter = TokenCounter(trainer.data_collator)
+    counter = (SharedTokenCounter if s.cfg.training.dataloader_num_workers else TokenCounter)(trainer.data_collator)
     trainer.data_collator = counter
     s.metrics = MetricsCallback(s.run, counter, trainer.is_world_process_zero())
     trainer.add_callback(s.metrics)
@@ -230,6 +240,8 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
         trainer.add_callback(AdaLoraAllocator(trainer.model))
     if s.cfg.adapter.method == "pissa":
         s.pissa_init = save_pissa_init(trainer.model, s.run)
+    if s.cfg.training.packing:  # packed blocks, not rows, make the batches
+        total = total_optimizer_steps(s.cfg, len(trainer.train_dataset), world)
     trainable, total_params = count_parameters(trainer.model)
     s.facts.update(
         trainable_params=trainable,
@@ -251,6 +263,29 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     s.check_stop()
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+class SharedTokenCounter:
+    """TokenCounter for DataLoader workers: they collate in other processes, so the count lives in shared memory."""
+
+    def __init__(self, collator: Any):
+        import multiprocessing
+
+        self.collator = collator
+        self._count = multiprocessing.Value("q", 0)
+
+    @property
+    def tokens(self) -> int:
+        return self._count.value
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:
+        self._count.value = value
+
+    def __call__(self, examples: list[dict[str, Any]]):
+        with self._count.get_lock():
+            self._count.value += sum(len(ex["input_ids"]) for ex in examples)
+        return self.collator(examples)
 
 
 def save_pissa_init(model: Any, run: RunDir) -> Path:
