@@ -104,3 +104,16 @@ def test_estimate_command_checks_a_named_gpu_size(make_config, capsys):
     assert main(["estimate", str(make_config()), "--gpu-memory", "8"]) == 0
     out = capsys.readouterr().out
     assert "predicted peak GPU memory" in out and "fits on a 8 GB GPU" in out
+
+
+def test_every_run_records_its_prediction(make_config, tmp_path):
+    from tests.conftest import only_run
+    from trainer.run_dir import read_metrics
+    from trainer.runs_index import summarize
+    from trainer.train import run_training
+
+    assert run_training(str(make_config({"training": {"max_steps": 2}}))) == 0
+    run = only_run(tmp_path / "runs")
+    (event,) = [m for m in read_metrics(run / "metrics.jsonl") if m.get("event") == "memory_estimate"]
+    assert event["predicted_peak_gb"] > 0 and sum(event["parts"].values()) > 0
+    assert summarize(run).predicted_gb == event["predicted_peak_gb"]  # the Runs tab's column

@@ -195,6 +195,7 @@ def prepare(s: Session):
         eval_truncated=e.truncated if e else 0,
         eval_dropped=(e.dropped_overlength + e.dropped_no_trainable) if e else 0,
     )
+    record_memory_estimate(s)
     s.facts.update(
         base_model=s.cfg.model.name_or_path,
         train_rows=len(data.train),
@@ -202,6 +203,20 @@ def prepare(s: Session):
         precision=plan.precision,
     )
     return plan, path, tokenizer, data
+
+
+def record_memory_estimate(s: Session) -> None:
+    """The predicted GPU peak, in metrics.jsonl (event memory_estimate), to set against the measured one."""
+    from trainer.estimate import estimate
+
+    try:
+        memory = estimate(s.cfg).memory
+    except Exception as e:  # the prediction is advice; a model it cannot build must not stop the run
+        print(f"memory estimate unavailable: {e}")
+        return
+    if memory is not None:
+        print("\n".join(memory.lines()))
+        s.run.event(0, "memory_estimate", predicted_peak_gb=round(memory.peak_bytes / 2**30, 4), parts=memory.parts)
 
 
 def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
