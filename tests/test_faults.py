@@ -71,8 +71,15 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(make_config, sma
     run_id = manager.submit(cfg)
     run = small_disk / "runs" / run_id
     wait_until(lambda: latest_complete_checkpoint(run / "checkpoints") is not None, manager)
-    first = latest_complete_checkpoint(run / "checkpoints")
-    before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+
+    def complete_ones() -> dict[str, dict[str, bytes]]:
+        return {
+            c.name: {p.name: p.read_bytes() for p in c.iterdir() if p.is_file()}
+            for c in (run / "checkpoints").glob("checkpoint-*")
+            if (c / CHECKPOINT_MARKER).is_file()
+        }
+
+    before = complete_ones()
     pid = manager.registry.get(run_id).pid
     filler = fill(small_disk, leave_bytes=64 * 1024)  # room for metrics lines, not for another checkpoint
     deadline = time.monotonic() + 120
@@ -84,9 +91,10 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(make_config, sma
 
     job = manager.registry.get(run_id)
     assert job.state == "failed", job.error  # how it failed depends on which write hit the full disk first
-    assert (first / CHECKPOINT_MARKER).is_file()
-    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before  # untouched
-    assert latest_complete_checkpoint(run / "checkpoints") == first  # a half-written later one is not "complete"
+    after = complete_ones()
+    assert all(after[name] == files for name, files in before.items())  # every saved checkpoint untouched
+    first = latest_complete_checkpoint(run / "checkpoints")  # a half-written later one is never "complete"
+    assert first is not None and first.name in after
     assert read_status(run) is not None  # status.json was replaced atomically or not at all: still valid JSON
 
     resumed_cfg = run / "config.yaml"
