@@ -14,6 +14,11 @@ def elem_id(path: str) -> str:
     return "f-" + path.replace(".", "-")
 
 
+def choice_label(choice: Any) -> tuple[str, Any]:
+    """A dropdown entry; True/False among other choices (e.g. 'auto') read as on/off."""
+    return ({True: "on", False: "off"}[choice] if isinstance(choice, bool) else str(choice)), choice
+
+
 def make_widget(field: FormField, value: Any, suggestions: list[str] | None = None) -> gr.components.Component:
     common = {
         "label": field.label,
@@ -26,7 +31,7 @@ def make_widget(field: FormField, value: Any, suggestions: list[str] | None = No
         choices = list(dict.fromkeys([*suggestions, *([value] if value else [])]))
         return gr.Dropdown(choices=choices, allow_custom_value=True, **common)
     if field.kind == "choice":
-        return gr.Dropdown(choices=list(field.choices), **common)
+        return gr.Dropdown(choices=[choice_label(c) for c in field.choices], **common)
     if field.kind == "bool":
         return gr.Checkbox(**common)
     if field.kind == "int":

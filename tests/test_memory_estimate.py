@@ -117,3 +117,46 @@ def test_every_run_records_its_prediction(make_config, tmp_path):
     (event,) = [m for m in read_metrics(run / "metrics.jsonl") if m.get("event") == "memory_estimate"]
     assert event["predicted_peak_gb"] > 0 and sum(event["parts"].values()) > 0
     assert summarize(run).predicted_gb == event["predicted_peak_gb"]  # the Runs tab's column
+
+
+def test_auto_checkpointing_is_off_where_the_run_fits_without_it():
+    h100 = (80 * GB, "H100")
+    small = estimate(cfg_for("Qwen/Qwen2.5-0.5B-Instruct", data={"max_length": 512}), h100).memory
+    assert small.checkpointing is False and small.checkpointing_note.startswith("off: needs")
+    big_cfg = cfg_for("Qwen/Qwen2.5-7B-Instruct", data={"max_length": 2048}, training={"per_device_batch_size": 4})
+    big = estimate(big_cfg, h100).memory
+    assert big.checkpointing is True and big.checkpointing_note.startswith("on: needs")
+    # the 'on' prediction is the explicit-true one, and the 'off' one would have needed more than 85% of the GPU
+    explicit = estimate(
+        cfg_for(
+            "Qwen/Qwen2.5-7B-Instruct",
+            data={"max_length": 2048},
+            training={"per_device_batch_size": 4, "gradient_checkpointing": True},
+        ),
+        h100,
+    )
+    assert explicit.memory.parts == big.parts and explicit.memory.checkpointing_note == ""
+    off = estimate(
+        cfg_for(
+            "Qwen/Qwen2.5-7B-Instruct",
+            data={"max_length": 2048},
+            training={"per_device_batch_size": 4, "gradient_checkpointing": False},
+        ),
+        h100,
+    )
+    assert off.memory.needed_bytes > 0.85 * h100[0] and off.memory.checkpointing is False
+    # no GPU: nothing to fit, so the faster setting
+    assert estimate(big_cfg, (None, None)).memory.checkpointing is False
+
+
+def test_a_run_decides_auto_checkpointing_and_says_why(make_config, tmp_path):
+    from tests.conftest import only_run
+    from trainer.run_dir import read_metrics
+    from trainer.train import run_training
+
+    cfg = make_config({"training": {"max_steps": 1, "gradient_checkpointing": "auto"}})
+    assert run_training(str(cfg)) == 0
+    run = only_run(tmp_path / "runs")
+    (event,) = [m for m in read_metrics(run / "metrics.jsonl") if m.get("event") == "gradient_checkpointing"]
+    assert event["enabled"] is False and "CPU" in event["reason"]
+    assert "gradient_checkpointing: auto" in (run / "config.yaml").read_text()  # the user's choice is kept

@@ -170,7 +170,7 @@ def test_apply_preset_replaces_only_the_presets_fields() -> None:
     out = apply_preset(values, "recipes", "qlora")
     assert out["recipe"] == "qlora"
     assert out["quantization.mode"] == "4bit" and out["training.optimizer"] == "paged_adamw_8bit"
-    assert out["training.gradient_checkpointing"] is True
+    assert out["training.gradient_checkpointing"] == "auto"
     assert out["data.source"] == "data/instructions_alpaca.json" and out["training.max_steps"] == 7
     assert values["quantization.mode"] == "none"  # the input is not modified
     cfg = config_from_form(out, "runs")

@@ -28,6 +28,8 @@ from trainer.config import RunConfig
 GB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.5 * GB)  # CUDA context + cuBLAS workspace on recent GPUs, outside torch's allocator
 ALLOCATOR_SLACK = 0.10  # reserved-but-unallocated blocks of PyTorch's caching allocator at the peak
+# 'auto' checkpointing stays off only below this share of the GPU: the estimate's error and other processes' memory
+AUTO_CHECKPOINTING_SHARE = 0.85
 BLOCK = 64  # bitsandbytes 4-bit block size
 DQ_BLOCK = 256  # blocks per second-level constant with double quantization
 OPTIMIZER_BYTES = {
@@ -63,6 +65,8 @@ class MemoryEstimate:
     gpu_total: int | None = None  # bytes of the GPU checked against, None when there is none
     gpu_name: str | None = None
     suggestions: list[str] = field(default_factory=list)
+    checkpointing: bool = True  # gradient checkpointing as predicted ('auto' decided)
+    checkpointing_note: str = ""  # what 'auto' chose and why ("off: ..."), when the config said 'auto'
 
     @property
     def peak_bytes(self) -> int:
@@ -72,7 +76,7 @@ class MemoryEstimate:
     @property
     def needed_bytes(self) -> int:
         """What the GPU must have free: the peak plus allocator slack and the CUDA context."""
-        return int(self.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+        return needed_bytes(self.peak_bytes)
 
     @property
     def fits(self) -> bool | None:
@@ -91,6 +95,8 @@ class MemoryEstimate:
             f" (full fine-tuning would need ~{full / GB:.1f} GB). Needs {self.needed_bytes / GB:.1f} GB free with "
             "the CUDA context"
         )
+        if self.checkpointing_note:
+            text += f" (gradient checkpointing auto -> {self.checkpointing_note})"
         if self.gpu_total is None:
             return text + "; no GPU on this machine."
         verdict = "fits" if self.fits else "**does not fit**"
@@ -101,6 +107,8 @@ class MemoryEstimate:
         out = [f"predicted peak GPU memory: {self.peak_bytes / GB:.2f} GB (torch allocated)"]
         out += [f"  {name:<22}{size / GB:>8.3f} GB" for name, size in self.parts.items()]
         out.append(f"  + CUDA context and allocator slack -> needs {self.needed_bytes / GB:.2f} GB free")
+        if self.checkpointing_note:
+            out.append(f"gradient checkpointing auto -> {self.checkpointing_note}")
         if self.gpu_total is None:
             out.append("no GPU detected: pass --gpu-memory GB to check against a GPU")
         else:
@@ -183,7 +191,8 @@ def predict(cfg: RunConfig, shapes: Shapes, trainable: int, adapter_bytes: int) 
     parts["adapter gradients"] = trainable * adapter_bytes
     parts["optimizer states"] = trainable * OPTIMIZER_BYTES.get(cfg.training.optimizer, 8)
     tokens = cfg.training.per_device_batch_size * cfg.data.max_length
-    parts["activations"] = tokens * activation_bytes_per_token(shapes, act, cfg.training.gradient_checkpointing)
+    checkpointing = cfg.training.gradient_checkpointing is not False  # an undecided 'auto' counts as on
+    parts["activations"] = tokens * activation_bytes_per_token(shapes, act, checkpointing)
     parts["logits + loss"] = tokens * shapes.vocab * (act + 4 + 4)
     return parts
 
@@ -212,7 +221,7 @@ def variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     def with_(section: str, **changes: Any) -> RunConfig:
         return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})
 
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing is False:
         out.append(
             ("training.gradient_checkpointing: true (~20-30% slower)", with_("training", gradient_checkpointing=True))
         )
@@ -240,8 +249,7 @@ def suggest(cfg: RunConfig, shapes: Shapes, trainable: int, adapter_bytes: int, 
     """The least intrusive single change that fits; else changes applied in order until the run fits."""
 
     def needed(c: RunConfig) -> int:
-        peak = sum(predict(c, shapes, trainable, adapter_bytes).values())
-        return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+        return needed_bytes(sum(predict(c, shapes, trainable, adapter_bytes).values()))
 
     for text, candidate in variants(cfg):
         if needed(candidate) <= gpu_total:
@@ -267,11 +275,42 @@ def detect_gpu() -> tuple[int | None, str | None]:
     return int(props.total_memory), props.name
 
 
+def needed_bytes(peak: int) -> int:
+    """What the GPU must have free for a predicted peak: allocator slack and the CUDA context on top."""
+    return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+
+
+def auto_checkpointing(
+    cfg: RunConfig, shapes: Shapes, trainable: int, adapter_bytes: int, gpu_total: int | None
+) -> tuple[bool, str]:
+    """gradient_checkpointing 'auto': off (the faster choice) where the run fits without it, with room to spare."""
+    if gpu_total is None:
+        return False, "off: no GPU, recomputing activations would only slow the steps"
+    t = cfg.training
+    without = cfg.model_copy(update={"training": t.model_copy(update={"gradient_checkpointing": False})})
+    need = needed_bytes(sum(predict(without, shapes, trainable, adapter_bytes).values()))
+    if need <= AUTO_CHECKPOINTING_SHARE * gpu_total:
+        return False, f"off: needs {need / GB:.1f} GB without it, within {AUTO_CHECKPOINTING_SHARE:.0%} of the GPU"
+    return True, f"on: needs {need / GB:.1f} GB without it, over {AUTO_CHECKPOINTING_SHARE:.0%} of the GPU"
+
+
+def resolve_checkpointing(cfg: RunConfig, choice: bool) -> RunConfig:
+    """The config with gradient_checkpointing decided ('auto' replaced by the choice)."""
+    if cfg.training.gradient_checkpointing != "auto":
+        return cfg
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": choice})})
+
+
 def memory_estimate(
     cfg: RunConfig, shapes: Shapes, trainable: int, adapter_bytes: int, gpu_total: int | None, gpu_name: str | None
 ) -> MemoryEstimate:
+    note = ""
+    if cfg.training.gradient_checkpointing == "auto":
+        choice, why = auto_checkpointing(cfg, shapes, trainable, adapter_bytes, gpu_total)
+        cfg, note = resolve_checkpointing(cfg, choice), why
     parts = predict(cfg, shapes, trainable, adapter_bytes)
-    est = MemoryEstimate(parts, gpu_total, gpu_name)
+    est = MemoryEstimate(parts, gpu_total, gpu_name, checkpointing=cfg.training.gradient_checkpointing is True)
+    est = replace(est, checkpointing_note=note)
     if est.fits is False:
         est = replace(est, suggestions=suggest(cfg, shapes, trainable, adapter_bytes, gpu_total))
     return est

@@ -66,9 +66,10 @@ def load_model(cfg: RunConfig, path: str, plan: DevicePlan, device_map: Any = No
     if bnb is not None:
         from peft import prepare_model_for_kbit_training
 
+        checkpointing = cfg.training.gradient_checkpointing is True  # "auto" is decided in train.prepare
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     model.config.use_cache = False

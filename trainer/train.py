@@ -17,13 +17,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.log_tee import tee_to
 from trainer.presets import load_config
 from trainer.run_dir import RunDir, new_run_id, read_status
+
+if TYPE_CHECKING:
+    from trainer.memory import MemoryEstimate
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -90,7 +93,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, flags: dict[str, bool], has_eval:
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing is True,
         activation_checkpointing_kwargs={"use_reentrant": False},
         optim=t.optimizer,
         weight_decay=t.weight_decay,
@@ -195,7 +198,7 @@ def prepare(s: Session):
         eval_truncated=e.truncated if e else 0,
         eval_dropped=(e.dropped_overlength + e.dropped_no_trainable) if e else 0,
     )
-    record_memory_estimate(s)
+    decide_checkpointing(s, plan.cuda, record_memory_estimate(s))
     s.facts.update(
         base_model=s.cfg.model.name_or_path,
         train_rows=len(data.train),
@@ -205,7 +208,7 @@ def prepare(s: Session):
     return plan, path, tokenizer, data
 
 
-def record_memory_estimate(s: Session) -> None:
+def record_memory_estimate(s: Session) -> MemoryEstimate | None:
     """The predicted GPU peak, in metrics.jsonl (event memory_estimate), to set against the measured one."""
     from trainer.estimate import estimate
 
@@ -213,10 +216,28 @@ def record_memory_estimate(s: Session) -> None:
         memory = estimate(s.cfg).memory
     except Exception as e:  # the prediction is advice; a model it cannot build must not stop the run
         print(f"memory estimate unavailable: {e}")
-        return
+        return None
     if memory is not None:
         print("\n".join(memory.lines()))
         s.run.event(0, "memory_estimate", predicted_peak_gb=round(memory.peak_bytes / 2**30, 4), parts=memory.parts)
+    return memory
+
+
+def decide_checkpointing(s: Session, cuda: bool, memory: MemoryEstimate | None) -> None:
+    """Replace gradient_checkpointing 'auto' by what the estimate chose (on when there is none on a GPU)."""
+    from trainer.memory import resolve_checkpointing
+
+    if s.cfg.training.gradient_checkpointing != "auto":
+        return
+    if not cuda:
+        choice, why = False, "off: training on the CPU, recomputing activations would only slow the steps"
+    elif memory is not None:
+        choice, why = memory.checkpointing, memory.checkpointing_note
+    else:
+        choice, why = True, "on: no memory estimate to show the run fits without it"
+    s.cfg = resolve_checkpointing(s.cfg, choice)
+    print(f"gradient_checkpointing auto -> {why}")
+    s.run.event(0, "gradient_checkpointing", enabled=choice, reason=why)
 
 
 def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
