@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export passed")
     ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export (token: HF_TOKEN or `hf auth login`)")
     ex.add_argument("--status-dir", help="also write status.json, result.json and export_report.json there")
+
+    bench = sub.add_parser("bench", help="speed and memory of the workbench against plain TRL on the same runs")
+    bench.add_argument("--matrix", choices=["cpu", "gpu"], help="cases to run (default: gpu if CUDA is present)")
+    bench.add_argument("--steps", type=int, help="optimizer steps per run (default: cpu 60, gpu 10)")
+    bench.add_argument("--out", default="benchmarks/RESULTS.md", help="markdown file to append to; '-' prints only")
+    bench.add_argument("--only", help="comma-separated case names or prefixes, e.g. tiny-lora-64 or small")
+    bench.add_argument("--repeat", type=int, default=1, help="runs per variant; the table shows medians")
+    bench.add_argument("--variants", default="abcd", help="which of a, b, c, d to run (a always runs)")
+    bench.add_argument("--threads", type=int, default=2, help="CPU threads of each training process")
+    bench.add_argument("--work-dir", help="where the runs go (default runs/.bench/<time>)")
+    bench.add_argument("--cache-dir", default="runs/.cache", help="built bench models and data")
     return p
 
 
@@ -99,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.export import export_command
 
         return export_command(args)
+    if args.command == "bench":
+        from trainer.bench import bench_command
+
+        return bench_command(args)
     return 2
 
 

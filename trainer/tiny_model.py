@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from trainer.paths import PROJECT_ROOT
 
@@ -71,21 +72,15 @@ def build_tokenizer():
     )
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build and save the tiny model + tokenizer into out_dir (written to a temp dir, then renamed into place)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+def llama_config(tokenizer: Any, hidden: int = 64, intermediate: int = 192, layers: int = 2) -> Any:
+    """A small Llama for the bundled tokenizer (the tiny model's shape by default; benchmarks use larger ones)."""
+    from transformers import LlamaConfig
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another directory or remove it first")
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two runs may build it at once
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,  # every out-feature count a multiple of 32: bitsandbytes' CPU 4-bit kernel needs it
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,  # every out-feature count a multiple of 32: bitsandbytes' CPU 4-bit kernel
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
@@ -94,6 +89,19 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build and save the tiny model + tokenizer into out_dir (written to a temp dir, then renamed into place)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another directory or remove it first")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two runs may build it at once
+    tokenizer = build_tokenizer()
+    config = llama_config(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # A wider output layer lets LoRA on the hidden states make confident predictions; at the default init
