@@ -88,6 +88,17 @@ def check_exposure(host: str, auth: tuple[str, str] | None, insecure_no_auth: bo
         )
 
 
+def served_files(runs_dir: Path) -> dict[str, list[str]]:
+    """Gradio's file access: only the adapter zips the page offers (run files, the job registry, model caches and
+    the hub token stay unreachable through /file=, even for a signed-in user who guesses a path)."""
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    blocked = [runs_dir / "registry.sqlite", runs_dir / ".jobs", runs_dir / ".cache", hf_home, Path.home() / ".ssh"]
+    return {
+        "allowed_paths": [str(runs_dir / ".downloads")],
+        "blocked_paths": [str(p.resolve()) for p in blocked],
+    }
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
@@ -113,7 +124,7 @@ def serve(
             auth=auth,
             share=False,
             show_error=True,
-            allowed_paths=[str(root)],
+            **served_files(root),
             max_file_size=f"{UPLOAD_LIMIT_MB}mb",
             ssr_mode=False,
             css=CSS,

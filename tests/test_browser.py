@@ -193,6 +193,12 @@ def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> Non
         page.click("#download-adapter")
     names = zipfile.ZipFile(download.value.path()).namelist()
     assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+    # what the page offers is served; the run's files and the job registry are not, whatever path is typed
+    route = server.url.rstrip("/") + "/gradio_api/file="
+    assert page.request.get(route + str(server.runs_dir / ".downloads" / f"{finished[0]}-adapter.zip")).ok
+    for private in (server.runs_dir / "registry.sqlite", server.runs_dir / finished[0] / "config.yaml"):
+        assert private.is_file()
+        assert page.request.get(route + str(private)).status == 403, private
     page.get_by_role("tab", name="Train", exact=True).click()
     page.click("#stop-btn")
     wait_until(lambda: run_state(page, run_id)[0] == "stopped", 90, "the run to stop")

@@ -696,3 +696,29 @@ def test_check_exposure() -> None:
     check_exposure("0.0.0.0", None, True)
     check_exposure("127.0.0.1", None, False)
     check_exposure("localhost", None, False)
+
+
+def test_the_file_route_serves_only_the_offered_downloads(tmp_path: Path, monkeypatch) -> None:
+    from gradio.utils import is_allowed_file
+
+    from app.server import served_files
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    runs = tmp_path / "runs"
+    access = served_files(runs)
+
+    def served(path: Path) -> bool:  # as Gradio's /file= route decides (its own cache counts as created)
+        return is_allowed_file(path, access["blocked_paths"], access["allowed_paths"], [str(tmp_path / "cache")])[0]
+
+    assert served(runs / ".downloads" / "20261125-tiny-adapter.zip")
+    for private in (
+        runs / "registry.sqlite",
+        runs / ".jobs" / "abc" / "job.log",
+        runs / "20261125-tiny" / "config.yaml",
+        runs / "20261125-tiny" / "adapter" / "adapter_model.safetensors",
+        tmp_path / "hf" / "token",
+    ):
+        assert not served(private), private
+    assert (
+        is_allowed_file(tmp_path / "hf" / "token", access["blocked_paths"], [str(tmp_path)], [])[1] == "in_blocklist"
+    )
