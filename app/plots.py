@@ -63,10 +63,21 @@ def memory_figure(s: Series) -> go.Figure:
         if any(v is not None for v in sys["gpu_util_percent"]):
             fig.add_scatter(x=steps, y=sys["gpu_util_percent"], name="GPU util %", mode="lines", yaxis="y2")
             fig.update_layout(yaxis2={"title": "util %", "overlaying": "y", "side": "right", "range": [0, 100]})
+        add_per_gpu_memory(fig, steps, sys["gpus"])
         return fig
     fig = _fig("Memory (no GPU: process RAM)", y_title="GB")
     fig.add_scatter(x=steps, y=sys["cpu_rss_gb"], name="process RSS", mode="lines+markers")
     return fig
+
+
+def add_per_gpu_memory(fig: go.Figure, steps: list, samples: list) -> None:
+    """One line per GPU (memory in use, NVML) when a run spans several: each rank's device, not only rank 0's."""
+    indices = sorted({g["index"] for gpus in samples for g in gpus or []})
+    if len(indices) < 2:
+        return
+    for index in indices:
+        used = [next((g["mem_used_gb"] for g in gpus or [] if g["index"] == index), None) for gpus in samples]
+        fig.add_scatter(x=steps, y=used, name=f"GPU {index} in use", mode="lines", line={"dash": "dot"})
 
 
 def length_histogram(lengths: list[int], max_length: int) -> go.Figure:

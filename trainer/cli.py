@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run one fine-tuning config (exit 0 done, 1 failed, 130/143 stopped)")
     train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--run-dir", help="train into this existing run directory (set by the multi-process launcher)")
+    machines = train.add_argument_group("several machines (accelerate's flags; num_gpus is per machine)")
+    machines.add_argument("--num-machines", type=int, default=1)
+    machines.add_argument("--machine-rank", type=int, default=0, help="0 on the main machine, 1.. on the others")
+    machines.add_argument("--main-process-ip", help="address of machine 0, reachable from all machines")
+    machines.add_argument("--main-process-port", type=int, help="a free port on machine 0 (default 29500)")
 
     est = sub.add_parser("estimate", help="trainable parameters, adapter size and peak GPU memory, without weights")
     est.add_argument("config")
@@ -86,9 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "train":
+        from trainer.launch import Machines
         from trainer.train import run_training
 
-        return run_training(args.config, resume=args.resume)
+        machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+        if args.num_machines > 1 and not args.main_process_ip:
+            print(
+                "lora-workbench train: --num-machines > 1 needs --main-process-ip (machine 0's address)",
+                file=sys.stderr,
+            )
+            return 2
+        return run_training(args.config, resume=args.resume, run_dir=args.run_dir, machines=machines)
     if args.command == "estimate":
         from trainer.estimate import estimate_command
 

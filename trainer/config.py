@@ -226,7 +226,22 @@ class OutputSection(Section):
 
 
 class HardwareSection(Section):
-    num_gpus: int = Field(1, ge=0, le=64, description="GPUs to train on; more than 1 launches with accelerate.")
+    num_gpus: int = Field(
+        1, ge=0, le=64, description="GPUs to train on (per machine); more than 1 launches with accelerate."
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp",
+        description="How several GPUs share the work (presets/accelerate/): ddp copies the model to each GPU; "
+        "fsdp and deepspeed_zero3 split the weights too (not with 4/8-bit); deepspeed_zero2 splits optimizer "
+        "states and gradients (pip install 'lora-workbench[deepspeed]').",
+    )
+    cpu_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes on a machine without a GPU (gloo), for testing and debugging the "
+        "multi-GPU path; training speed is not the point.",
+    )
 
 
 class RunConfig(Section):
@@ -282,6 +297,8 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "(max 64, not starting with '.')"
         )
     problems.extend(_target_module_problems(cfg))
+    if cfg.hardware.num_gpus > 1 and cfg.hardware.cpu_processes > 1:
+        problems.append("hardware.cpu_processes: set either num_gpus (GPUs) or cpu_processes (CPU), not both")
     return problems
 
 

@@ -57,9 +57,25 @@ def hardware_problems(cfg: RunConfig, cuda: bool, gpu_count: int, bf16_ok: bool,
         problems.append(f"training.precision: {cfg.training.precision} needs a GPU; use auto or fp32 on a CPU")
     if cuda and cfg.training.precision == "bf16" and not bf16_ok:
         problems.append("training.precision: this GPU has no bf16 support; use fp16 or auto")
-    if cfg.hardware.num_gpus > max(gpu_count, 1):
-        problems.append(f"hardware.num_gpus: {cfg.hardware.num_gpus} asked, {gpu_count} present")
-    return problems + speed_problems(cfg, cuda, tf32_ok)
+    return problems + process_problems(cfg, cuda, gpu_count) + speed_problems(cfg, cuda, tf32_ok)
+
+
+def process_problems(cfg: RunConfig, cuda: bool, gpu_count: int) -> list[str]:
+    """GPUs and processes the config asks for that this machine cannot give (checked before any launch)."""
+    from trainer.launch import strategy_problems
+
+    n, problems = cfg.hardware.num_gpus, []
+    if n > 1 and not cuda:
+        problems.append(
+            f"hardware.num_gpus: {n} asked, this machine has no CUDA GPU; set num_gpus: 1 "
+            "(to try the multi-process path on a CPU, set hardware.cpu_processes: 2 instead)"
+        )
+    elif n > max(gpu_count, 1):
+        problems.append(
+            f"hardware.num_gpus: {n} asked, this machine has {gpu_count} CUDA GPU(s) visible; set num_gpus to at "
+            f"most {gpu_count} (or check CUDA_VISIBLE_DEVICES)"
+        )
+    return problems + strategy_problems(cfg, cuda)
 
 
 def speed_problems(cfg: RunConfig, cuda: bool, tf32_ok: bool) -> list[str]:

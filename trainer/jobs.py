@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from trainer.config import RunConfig
+from trainer.launch import train_argv
 from trainer.log_tee import CAPTURED_ENV
 from trainer.registry import Job, Registry
 from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status, write_json_atomic
@@ -128,8 +129,8 @@ class JobManager:
 
     def _argv(self, job: Job) -> list[str]:
         """The job's command line: always a list (no shell), built from files this server wrote."""
-        if job.kind == "train":
-            return [sys.executable, "-m", "trainer", "train", job.config_path]
+        if job.kind == "train":  # one process, or every rank through `accelerate launch` (trainer/launch.py)
+            return train_argv(Path(job.config_path), Path(job.run_dir))
         request = json.loads(Path(job.config_path).read_text(encoding="utf-8"))
         return [sys.executable, "-m", "trainer", job.kind, *request["args"], "--status-dir", job.run_dir]
 

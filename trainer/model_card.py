@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from trainer.config import RunConfig, resolved_target_modules
+from trainer.launch import processes_per_machine
 
 
 def _fmt(value: Any) -> str:
@@ -29,7 +30,7 @@ def model_card(cfg: RunConfig, base: str, facts: dict[str, Any]) -> str:
         "Max length / packing": f"{d.max_length} / {t.packing}",
         "Steps / epochs": f"{facts.get('steps')} / {_fmt(facts.get('epoch'))}",
         "Learning rate / schedule": f"{t.learning_rate} / {t.lr_scheduler}",
-        "Effective batch": t.per_device_batch_size * t.gradient_accumulation_steps * max(cfg.hardware.num_gpus, 1),
+        "Effective batch": t.per_device_batch_size * t.gradient_accumulation_steps * processes_per_machine(cfg),
         "Optimizer / precision": f"{t.optimizer} / {facts.get('precision')}",
         "Trainable parameters": f"{facts.get('trainable_params'):,} of {facts.get('total_params'):,} "
         f"({facts.get('trainable_percent')}%)",

@@ -45,6 +45,16 @@ def load_tokenizer(cfg: RunConfig, path: str):
     return tok
 
 
+def local_gpu() -> int:
+    """This rank's GPU: under several processes each quantized model must sit on its own device, not all on 0.
+
+    Read from the launcher's LOCAL_RANK rather than PartialState, which would set up the process group before
+    the Trainer does, with its own settings."""
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def load_model(cfg: RunConfig, path: str, plan: DevicePlan, device_map: Any = None):
     """The base model, quantized per config and prepared for k-bit training when quantized."""
     import torch
@@ -52,7 +62,7 @@ def load_model(cfg: RunConfig, path: str, plan: DevicePlan, device_map: Any = No
 
     bnb = to_bnb_config(cfg.quantization, plan.compute_dtype)
     if bnb is not None and device_map is None:
-        device_map = {"": torch.cuda.current_device()} if plan.cuda else {"": "cpu"}
+        device_map = {"": local_gpu()} if plan.cuda else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=cfg.model.revision,

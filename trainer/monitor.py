@@ -42,7 +42,7 @@ class Series:
 
 
 _TRAIN_KEYS = ("step", "time", "loss", "learning_rate", "grad_norm", "tokens_per_second")
-_SYSTEM_KEYS = ("step", "time", *MEMORY_KEYS, "gpu_util_percent")
+_SYSTEM_KEYS = ("step", "time", *MEMORY_KEYS, "gpu_util_percent", "gpus")  # gpus: per-GPU list (NVML)
 
 
 class RunWatch:

@@ -52,8 +52,9 @@ def read_status(run_path: Path) -> dict[str, Any] | None:
 class RunDir:
     """Paths of one run and the writers of its status and metrics."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = path
+        self.writer = writer  # False on the ranks after 0 of a multi-process run: rank 0 alone writes the files
         self.config = path / "config.yaml"
         self.status_file = path / "status.json"
         self.metrics_file = path / "metrics.jsonl"
@@ -80,6 +81,8 @@ class RunDir:
     def write_status(self, throttle_s: float = 0.0, **changes: Any) -> None:
         """Update status.json atomically; with throttle_s, skip writes closer together than that."""
         self.status.update(changes)
+        if not self.writer:
+            return
         now = time.monotonic()
         if throttle_s and now - self._last_status_write < throttle_s:
             return
@@ -88,6 +91,8 @@ class RunDir:
 
     def append_metric(self, kind: str, step: int, **values: Any) -> None:
         """One metrics.jsonl line, flushed at once so a watcher sees it while training goes on."""
+        if not self.writer:
+            return
         if self._metrics is None:
             self._metrics = open(self.metrics_file, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
         line = {"step": step, "time": round(time.time(), 3), "kind": kind, **values}

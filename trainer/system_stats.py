@@ -1,8 +1,9 @@
 """Memory and utilisation samples for metrics.jsonl's `system` lines.
 
 On CUDA: torch's allocator counters (host-side reads, no device sync) plus NVML utilisation when the library
-is present, polled on a daemon thread so the training thread never waits for the driver. On a CPU-only
-machine: the process's resident memory.
+is present, polled on a daemon thread so the training thread never waits for the driver; with NVML, `gpus`
+lists every visible GPU's memory in use and utilisation (the other ranks' devices of a multi-GPU run too).
+On a CPU-only machine: the process's resident memory.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def system_sample() -> dict[str, Any]:
         "gpu_util_percent": None,
     }
     sample["gpu_util_percent"] = _utilisation_poller(dev).latest
+    gpus = _devices_poller().latest
+    if gpus:  # every GPU of this machine the run can see: the other ranks' devices too (NVML, device-wide)
+        sample["gpus"] = gpus
     return sample
 
 
@@ -72,3 +76,56 @@ class _NoPoller:
 def _utilisation_poller(index: int) -> UtilisationPoller | _NoPoller:
     handle = _nvml_handle(index)
     return UtilisationPoller(handle) if handle is not None else _NoPoller()
+
+
+def _visible_handles() -> list[tuple[int, Any]]:
+    """(torch index, NVML handle) of each visible GPU; by UUID, as CUDA_VISIBLE_DEVICES renumbers the devices."""
+    import pynvml
+    import torch
+
+    handles = []
+    for index in range(torch.cuda.device_count()):
+        try:
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            handles.append((index, pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")))
+        except Exception:  # an older driver or torch without uuid: NVML's own order
+            handles.append((index, _nvml_handle(index)))
+    return [(i, h) for i, h in handles if h is not None]
+
+
+class DevicesPoller:
+    """Memory in use and utilisation of every visible GPU, from NVML on its own thread; latest is [] until known."""
+
+    def __init__(self, handles: list[tuple[int, Any]]):
+        self.handles, self.latest = handles, []
+        threading.Thread(target=self._loop, name="nvml-devices", daemon=True).start()
+
+    def _read(self, index: int, handle: Any) -> dict[str, Any]:
+        import pynvml
+
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        return {
+            "index": index,
+            "mem_used_gb": round(mem.used / GB, 4),
+            "mem_total_gb": round(mem.total / GB, 4),
+            "util_percent": util,
+        }
+
+    def _loop(self) -> None:
+        import pynvml
+
+        while True:
+            try:
+                self.latest = [self._read(i, h) for i, h in self.handles]
+            except pynvml.NVMLError:
+                self.latest = []
+            time.sleep(NVML_INTERVAL_S)
+
+
+@functools.cache
+def _devices_poller() -> DevicesPoller | _NoPoller:
+    if _nvml_handle(0) is None:  # initialises NVML, or tells it is missing
+        return _NoPoller()
+    handles = _visible_handles()
+    return DevicesPoller(handles) if handles else _NoPoller()

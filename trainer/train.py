@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
+from trainer.distributed import RankMetrics, SignalOnce
+from trainer.launch import ONE_MACHINE, SHARDED, Machines, inside_launch, is_main_process, wants_launcher
 from trainer.log_tee import tee_to
 from trainer.presets import load_config
 from trainer.run_dir import RunDir, new_run_id, read_status
@@ -149,8 +151,11 @@ class Session:
         self.stop = StopSignal()
         self.facts: dict[str, Any] = {}
         self.interrupted_twice = False
+        self.signals = SignalOnce()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
+        if self.signals.is_copy(signum) and inside_launch():  # the launcher passing on the one we already got
+            return
         if self.stop.signum is not None:  # a second signal: stop now, without saving
             self.interrupted_twice = True
             raise KeyboardInterrupt
@@ -245,7 +250,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     from trl import SFTTrainer
 
     from trainer.adapters import adalora_schedule_problem, to_peft_config
-    from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, MetricsCallback, NanGuard, TokenCounter
+    from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, NanGuard, TokenCounter
     from trainer.data import to_dataset
     from trainer.models import count_parameters, load_model
 
@@ -270,7 +275,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     )
     counter = (SharedTokenCounter if s.cfg.training.dataloader_num_workers else TokenCounter)(trainer.data_collator)
     trainer.data_collator = counter
-    s.metrics = MetricsCallback(s.run, counter, trainer.is_world_process_zero())
+    s.metrics = RankMetrics(s.run, counter, trainer.is_world_process_zero(), trainer.args.world_size)
     trainer.add_callback(s.metrics)
     if s.cfg.adapter.method == "adalora":
         trainer.add_callback(AdaLoraAllocator(trainer.model))
@@ -327,7 +332,7 @@ class SharedTokenCounter:
 def save_pissa_init(model: Any, run: RunDir) -> Path:
     """Save PiSSA's initial adapter so the final one can be converted to plain LoRA on the untouched base."""
     init_dir = run.path / "pissa_init"
-    if not init_dir.exists():
+    if not init_dir.exists() and run.writer:
         cfg = model.peft_config["default"]
         original, cfg.init_lora_weights = cfg.init_lora_weights, True
         model.save_pretrained(init_dir)
@@ -342,9 +347,13 @@ def save_adapter(s: Session, trainer: Any) -> None:
     from trainer.callbacks import adalora_ranks
     from trainer.model_card import model_card
 
+    kwargs = {}
+    if s.cfg.hardware.strategy in SHARDED:  # every rank holds a shard: gather the full weights, all ranks together
+        kwargs["state_dict"] = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not s.run.writer:
+        return
     tmp = s.run.path / "adapter.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    kwargs = {}
     if getattr(s, "pissa_init", None):
         kwargs["path_initial_model_for_weight_conversion"] = str(s.pissa_init)
     trainer.model.save_pretrained(tmp, safe_serialization=True, **kwargs)
@@ -394,7 +403,7 @@ def execute(s: Session) -> int:
     s.run.write_status(
         state="running", pid=os.getpid(), started_at=time.time(), ended_at=None, exit_code=None, error=None
     )
-    s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid())
+    s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         trainer = fit(s, *prepare(s))
         if s.nan_guard.error:
@@ -417,17 +426,28 @@ def execute(s: Session) -> int:
         return finish(s, "failed", EXIT_FAILED, f"{type(e).__name__}: {e}")
 
 
-def run_training(config_path: str, resume: bool = False) -> int:
+def run_training(
+    config_path: str, resume: bool = False, run_dir: str | None = None, machines: Machines = ONE_MACHINE
+) -> int:
+    """One run. run_dir: the directory every rank of a multi-process run shares (the launching parent chose it)."""
     path = Path(config_path)
     try:
         cfg = load_config(path)
         if resume and cfg.training.resume_from_checkpoint is None:
             cfg.training.resume_from_checkpoint = "latest"
-        run = open_run_dir(cfg, path, resume)
+        if run_dir and not Path(run_dir, "config.yaml").is_file():
+            raise ConfigError([f"--run-dir {run_dir}: not a run directory (it holds no config.yaml)"])
+        run = RunDir(Path(run_dir), writer=is_main_process()) if run_dir else open_run_dir(cfg, path, resume)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         mark_failed_if_run_dir(path, str(e))
         return EXIT_FAILED
+    if wants_launcher(cfg, machines) and not inside_launch():
+        from trainer.launch import start_ranks
+
+        code = start_ranks(cfg, run, resume, machines)
+        if code is not None:
+            return code  # else this machine cannot launch it: the run fails below in prepare(), saying why
     s = Session(cfg, run)
     previous = {sig: signal.signal(sig, s.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -442,7 +462,7 @@ def run_training(config_path: str, resume: bool = False) -> int:
 def mark_failed_if_run_dir(config_path: Path, error: str) -> None:
     """A queued run whose config no longer validates is marked failed, so its watcher sees why."""
     status = read_status(config_path.parent)
-    if config_path.name == "config.yaml" and status and status.get("state") == "queued":
+    if config_path.name == "config.yaml" and status and status.get("state") == "queued" and is_main_process():
         RunDir(config_path.parent).write_status(
             state="failed", exit_code=EXIT_FAILED, error=error, ended_at=time.time()
         )

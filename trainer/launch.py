@@ -1,0 +1,200 @@
+"""Several processes for one run: the `accelerate launch` command line, and the parent that waits for it.
+
+    lora-workbench train CONFIG.yaml      # hardware.num_gpus: 4 -> re-executes itself as:
+    python -m accelerate.commands.launch --config_file presets/accelerate/ddp.yaml --num_processes 4 \
+        --num_machines 1 --main_process_port 0 -m trainer train RUN/config.yaml --run-dir RUN
+
+The parent picks the run directory once and passes it to every rank (`--run-dir`); rank 0 alone writes the
+run's files. Without CUDA, accelerate's MULTI_GPU launcher (torch.distributed.run) starts the same ranks on the
+CPU with the gloo backend (`hardware.cpu_processes`, for testing the path): one code path for both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import ConfigError, RunConfig
+from trainer.paths import PRESETS_DIR
+from trainer.run_dir import FINAL_STATES, RunDir, read_status
+
+ACCELERATE_DIR = PRESETS_DIR / "accelerate"
+SHARDED = ("fsdp", "deepspeed_zero3")  # strategies that split the weights: the adapter is gathered on save
+
+
+@dataclass(frozen=True)
+class Machines:
+    """accelerate's machine flags; the same on every machine except machine_rank."""
+
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+
+ONE_MACHINE = Machines()
+
+
+def processes_per_machine(cfg: RunConfig) -> int:
+    """GPUs to use, or CPU processes when the config asks for those (testing the multi-process path)."""
+    return max(cfg.hardware.num_gpus, cfg.hardware.cpu_processes, 1)
+
+
+def wants_launcher(cfg: RunConfig, machines: Machines = ONE_MACHINE) -> bool:
+    return processes_per_machine(cfg) > 1 or cfg.hardware.strategy != "ddp" or machines.num_machines > 1
+
+
+def inside_launch() -> bool:
+    """True in a process started by a distributed launcher (torchrun and accelerate set these)."""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def preset_file(strategy: str) -> Path:
+    return ACCELERATE_DIR / f"{strategy}.yaml"
+
+
+def strategy_problems(cfg: RunConfig, cuda: bool) -> list[str]:
+    """What the chosen strategy needs that is missing; each line names the field and the fix."""
+    h, problems = cfg.hardware, []
+    if h.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            f"hardware.strategy: {h.strategy} needs DeepSpeed, which is not installed; run "
+            "`pip install 'lora-workbench[deepspeed]'` or use strategy ddp or fsdp"
+        )
+    if h.strategy != "ddp" and not cuda:
+        problems.append(f"hardware.strategy: {h.strategy} needs CUDA GPUs; use ddp on a CPU")
+    if h.strategy in SHARDED and cfg.quantization.mode != "none":
+        problems.append(
+            f"hardware.strategy: {h.strategy} shards the weights, which the workbench does not do for a "
+            f"{cfg.quantization.mode} quantized base; use ddp or deepspeed_zero2, or quantization.mode none"
+        )
+    if h.cpu_processes > 1 and cuda:
+        problems.append(
+            "hardware.cpu_processes: only for a machine without a GPU (testing the multi-process path); "
+            "set hardware.num_gpus here instead"
+        )
+    return problems
+
+
+def launch_argv(
+    cfg: RunConfig, config: Path, run_dir: Path, resume: bool = False, machines: Machines = ONE_MACHINE
+) -> list[str]:
+    """The command that starts every rank of this machine; an argv list, never a shell string."""
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(preset_file(cfg.hardware.strategy)),
+        "--num_processes",  # accelerate counts the processes of all machines together
+        str(processes_per_machine(cfg) * machines.num_machines),
+        "--num_machines",
+        str(machines.num_machines),
+    ]
+    if machines.num_machines > 1:
+        argv += ["--machine_rank", str(machines.machine_rank), "--main_process_ip", str(machines.main_process_ip)]
+        argv += ["--main_process_port", str(machines.main_process_port or 29500)]
+    else:  # 0: a free port, so two runs on one machine do not collide on torchrun's default 29500
+        argv += ["--main_process_port", str(machines.main_process_port or 0)]
+    argv += ["-m", "trainer", "train", str(config), "--run-dir", str(run_dir)]
+    return argv + (["--resume"] if resume else [])
+
+
+def run_launcher(argv: list[str], log_file: Path | None, env: dict[str, str]) -> int:
+    """Run the launcher, copying its output to the terminal and to train.log; a stop signal goes to it once.
+
+    The ranks do not tee themselves (env holds the log-captured flag): their output comes through here. The
+    launcher gets its own session so that Ctrl-C reaches the ranks once, through torch.distributed.run."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)  # torch.distributed.run passes it on to every rank, which stops and saves
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with open(log_file or os.devnull, "ab") as log:
+            for line in iter(proc.stdout.readline, b""):
+                sys.stdout.write(line.decode("utf-8", "replace"))
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def visible_gpus() -> tuple[bool, int]:
+    """(CUDA present, GPUs visible) without creating a CUDA context in this parent process."""
+    import torch
+
+    return torch.cuda.is_available(), torch.cuda.device_count()
+
+
+def launch_problems(cfg: RunConfig) -> list[str]:
+    from trainer.device import process_problems
+
+    return process_problems(cfg, *visible_gpus())
+
+
+def train_argv(config: Path, run_dir: Path) -> list[str]:
+    """A queued run's command (the job queue's): one process, or every rank through accelerate."""
+    from trainer.presets import load_config
+
+    plain = [sys.executable, "-m", "trainer", "train", str(config)]
+    try:
+        cfg = load_config(config)
+    except ConfigError:
+        return plain  # the trainer itself reports the bad config in the run's status
+    if not wants_launcher(cfg) or launch_problems(cfg):
+        return plain  # one process, or one that fails in its hardware check naming the field
+    return launch_argv(cfg, config, run_dir)
+
+
+def start_ranks(cfg: RunConfig, run: RunDir, resume: bool, machines: Machines) -> int | None:
+    """`lora-workbench train` run directly: launch this machine's ranks on `run` and wait for them.
+
+    Returns the run's exit code, or None when this machine cannot launch the config (the caller then fails the
+    run in-process, naming the field)."""
+    from trainer.log_tee import CAPTURED_ENV, tee_to
+
+    if launch_problems(cfg):
+        return None
+    argv = launch_argv(cfg, run.config, run.path, resume, machines)
+    with tee_to(run.log_file):
+        print(f"run {run.run_id}: {processes_per_machine(cfg)} process(es) per machine, {cfg.hardware.strategy}:")
+        print(shlex.join(argv))
+    log = None if os.environ.get(CAPTURED_ENV) else run.log_file  # else whoever captures us writes train.log
+    started = time.time()
+    code = run_launcher(argv, log, {**os.environ, CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"})
+    return settle(run, code, started, machines)
+
+
+def settle(run: RunDir, code: int, started: float, machines: Machines) -> int:
+    """The run's exit code from what rank 0 wrote; a launch that died before that is marked failed here."""
+    status = read_status(run.path) or {}
+    if status.get("state") in FINAL_STATES and (status.get("ended_at") or 0) >= started:
+        return int(status.get("exit_code") or 0)
+    if machines.machine_rank > 0:  # rank 0 runs on machine 0 and writes the run's files there
+        return code
+    error = f"the training processes ended (launcher exit code {code}) before rank 0 wrote a final state"
+    run.write_status(state="failed", exit_code=1, error=error, ended_at=time.time())
+    return 1
