@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,42 @@ def test_qlora_on_two_gpus_puts_each_rank_on_its_own_device(make_config, tmp_pat
     check_two_rank_run(run, max_steps=3, rows=64, batch=4)
     gpus = [m["gpus"] for m in read_metrics(run / "metrics.jsonl") if m["kind"] == "system"][-1]
     assert len(gpus) >= 2 and all(g["mem_used_gb"] > 0 for g in gpus[:2])
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(make_config, tmp_path: Path) -> None:
+    """The UI's Stop reaches every rank, but not at the same moment; they must agree on the step, or the ones
+    still training wait forever for the one that left."""
+    import psutil
+
+    path = make_config({**TWO_CPU_RANKS, "training": {"max_steps": 5000, "save_steps": 100000}})
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
+    with open(tmp_path / "out.log", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "train", str(path)],
+            cwd=ROOT,
+            env={**env, "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def steps() -> int:
+            runs = [p for p in (tmp_path / "runs").glob("*/metrics.jsonl")]
+            return sum(m["kind"] == "train" for m in read_metrics(runs[0])) if runs else 0
+
+        deadline = time.monotonic() + 180
+        while steps() < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()[-3000:]
+            time.sleep(0.5)
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)}
+        ranks["1"].send_signal(signal.SIGTERM)  # rank 1 only; rank 0 learns of it from the agreement
+        assert proc.wait(timeout=180) == 128 + signal.SIGTERM, (tmp_path / "out.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = only_run(tmp_path / "runs")
+    status = read_status(run)
+    assert status["state"] == "stopped" and status["exit_code"] == 143 and 3 <= status["step"] < 5000
+    assert (run / "adapter/adapter_model.safetensors").is_file() and not (run / "adapter.partial").exists()
+    train = [m["step"] for m in read_metrics(run / "metrics.jsonl") if m["kind"] == "train"]
+    assert train == list(range(1, len(train) + 1)) and train[-1] == status["step"]

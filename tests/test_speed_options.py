@@ -125,6 +125,31 @@ def test_tf32_auto_resolves_per_machine() -> None:
     assert plan(off, cuda=True, bf16_ok=True, tf32_ok=True).trainer_flags["tf32"] is False
 
 
+def test_attention_and_packing_auto_pick_flash_attention_and_packing_only_where_it_runs(monkeypatch) -> None:
+    from trainer import device
+
+    cfg = build_config({})
+    assert (cfg.model.attn_implementation, cfg.training.packing) == ("auto", "auto")
+    cpu = plan(cfg, cuda=False, bf16_ok=False)
+    assert cpu.attn == "sdpa" and device.packing(cfg, cpu)[0] is False
+    monkeypatch.setattr(device, "installed", lambda module: module == "flash_attn")  # a GPU box with flash-attn
+    gpu = plan(cfg, cuda=True, bf16_ok=True)
+    packs, why = device.packing(cfg, gpu)
+    assert gpu.attn == "flash_attention_2" and packs is True and "variable-length" in why
+    assert plan(build_config({"model": {"dtype": "float32"}}), cuda=True, bf16_ok=True).attn == "sdpa"  # FA2: 16-bit
+    assert device.packing(build_config({"adapter": {"method": "adalora"}}), gpu)[0] is False
+    assert device.packing(build_config({"training": {"packing": False}}), gpu)[0] is False  # an explicit choice wins
+    monkeypatch.setattr(device, "installed", lambda module: False)
+    assert plan(cfg, cuda=True, bf16_ok=True).attn == "sdpa"  # no flash-attn package: nothing to refuse either
+    assert device.speed_problems(cfg, cuda=True, tf32_ok=True) == []
+
+
+def test_a_cpu_run_decides_packing_and_says_why(make_config) -> None:
+    lines = train(make_config, {"max_steps": 1, "packing": "auto"}, {"attn_implementation": "auto"})
+    (event,) = [m for m in lines if m.get("event") == "packing"]
+    assert event["enabled"] is False and "sdpa" in event["reason"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -74,6 +74,7 @@ def test_every_config_knob_has_a_form_field_with_help() -> None:
         "adapter.target_modules",
         "quantization.mode",
         "training.packing",
+        "training.padding_free",
         "data.val_size",
         "data.source",
     )
@@ -81,11 +82,13 @@ def test_every_config_knob_has_a_form_field_with_help() -> None:
         "adapter.r": "int",
         "adapter.target_modules": "yaml",
         "quantization.mode": "choice",
-        "training.packing": "bool",
+        "training.packing": "choice",
+        "training.padding_free": "bool",
         "data.val_size": "float",
         "data.source": "text",
     }
     assert BY_PATH["quantization.mode"].choices == ("none", "8bit", "4bit")
+    assert BY_PATH["training.packing"].choices == ("auto", True, False)  # shown as auto / on / off
     assert BY_PATH["data.max_samples"].optional and not BY_PATH["adapter.r"].optional
 
 

@@ -546,6 +546,7 @@ class Bench:
         """Each variant's (median) measures, FLOPs/token (on a GPU) and unpinned config fields; None: skipped."""
         import torch
 
+        from trainer import device
         from trainer.presets import build_config
 
         env = child_env(self.threads)
@@ -560,7 +561,8 @@ class Bench:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         defaults = workbench_config(case, model_dir, data, self.steps, self.work)
         matched, _, unknown = plain_trl(defaults, bf16)
-        packs = build_config(defaults).training.packing
+        resolved = build_config(defaults)
+        packs = device.packing(resolved, device.plan(resolved, *device.detect()[::2]))[0]  # as the run decides
         keys = [k for k in dict.fromkeys("a" + self.variants) if k in VARIANTS and not (k == "d" and packs)]
         runs: dict[str, list[Measure]] = {k: [] for k in keys}
         for i in range(self.repeat):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,15 @@ class StopSignal(TrainerCallback):
 
     def __init__(self):
         self.signum: int | None = None
+        # Several ranks: the largest signal number any rank has got (trainer/distributed.py), so that all stop
+        # after the same step; a rank leaving the loop alone would leave the others waiting in a collective.
+        self.agree: Callable[[int], int] | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.agree is not None:
+            agreed = self.agree(self.signum or 0)
+            if agreed:  # never cleared here: a signal may arrive while the ranks agree
+                self.signum = agreed
         if self.signum is not None:
             control.should_training_stop = True
             control.should_save = False

@@ -42,8 +42,10 @@ class ModelSection(Section):
     dtype: Dtype = Field(
         "auto", description="dtype of the frozen base weights. auto: bf16 on a GPU that supports it, else fp32."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
-        "sdpa", description="Attention kernel. sdpa is PyTorch's fused attention; flash_attention_* need a GPU."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto",
+        description="Attention kernel. auto: flash_attention_2 on a CUDA GPU with flash-attn installed and a 16-bit "
+        "model, else sdpa (PyTorch's fused attention). flash_attention_* need a GPU.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repo. Only for repos you trust."
@@ -144,13 +146,13 @@ class TrainingSection(Section):
     gradient_accumulation_steps: int = Field(
         4, ge=1, description="Forward passes summed before one optimizer step: effective batch = batch x this x GPUs."
     )
-    packing: bool = Field(
-        False,
+    packing: Literal["auto", True, False] = Field(
+        "auto",
         description="Pack short rows into max_length blocks: no pad tokens, fewer steps per epoch. TRL's 'bfd' "
         "strategy never cuts or mixes rows, and attention stays inside each row (flash attention: varlen kernels; "
-        "sdpa/eager: a block mask from position_ids). Off by default: with sdpa/eager a batch becomes one long row "
-        "whose attention grows with (batch x length)^2, measured 14-31% fewer real tokens/s (CPU). Try it with "
-        "flash_attention_2/3.",
+        "sdpa/eager: a block mask from position_ids). auto: on with flash_attention_2/3, off with sdpa/eager, "
+        "where a batch becomes one long row whose attention grows with (batch x length)^2: measured 14-31% fewer "
+        "real tokens/s (CPU). Never with AdaLoRA.",
     )
     padding_free: bool = Field(
         False,
@@ -270,7 +272,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     """Rules that involve more than one field; each message names the field, the rule and the fix."""
     a, q, t, d = cfg.adapter, cfg.quantization, cfg.training, cfg.data
     problems: list[str] = []
-    if a.method == "adalora" and t.packing:
+    if a.method == "adalora" and t.packing is True:
         problems.append(
             "training.packing: AdaLoRA needs its total step count before training, which packing changes; "
             "set packing: false or use another method"

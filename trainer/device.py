@@ -21,6 +21,7 @@ class DevicePlan:
     model_dtype: str  # torch dtype name of the base weights
     compute_dtype: str  # 4-bit matmul dtype
     tf32: bool | None = None  # None: leave PyTorch's setting alone (TrainingArguments raises on tf32=True off Ampere)
+    attn: str = "sdpa"  # attn_implementation with 'auto' decided
 
     @property
     def trainer_flags(self) -> dict[str, bool]:
@@ -111,4 +112,25 @@ def plan(cfg: RunConfig, cuda: bool, bf16_ok: bool, tf32_ok: bool = False) -> De
     model_dtype = cfg.model.dtype if cfg.model.dtype != "auto" else half
     compute = cfg.quantization.compute_dtype if cfg.quantization.compute_dtype != "auto" else half
     tf32 = (True if tf32_ok else None) if cfg.training.tf32 == "auto" else cfg.training.tf32
-    return DevicePlan(cuda, precision, model_dtype, compute, tf32)
+    return DevicePlan(cuda, precision, model_dtype, compute, tf32, attention(cfg, cuda, model_dtype))
+
+
+def attention(cfg: RunConfig, cuda: bool, model_dtype: str) -> str:
+    """attn_implementation 'auto': FlashAttention-2 where it runs (CUDA, the package, a 16-bit model), else sdpa."""
+    attn = cfg.model.attn_implementation
+    if attn != "auto":
+        return attn
+    if cuda and model_dtype in ("bfloat16", "float16") and installed(FLASH_PACKAGES["flash_attention_2"][0]):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def packing(cfg: RunConfig, plan: DevicePlan) -> tuple[bool, str]:
+    """training.packing, with 'auto' decided for this machine, and why."""
+    if cfg.training.packing != "auto":
+        return cfg.training.packing, "set in the config"
+    if cfg.adapter.method == "adalora":
+        return False, "off: AdaLoRA needs its step count before training, which packing changes"
+    if plan.attn.startswith("flash_attention"):
+        return True, f"on: {plan.attn}'s variable-length kernels keep packed rows apart at no extra cost"
+    return False, f"off: under {plan.attn} a packed batch is one long row with a block mask, measured slower"

@@ -8,6 +8,7 @@ logged line, none per step).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from trainer.callbacks import MetricsCallback, TokenCounter
@@ -56,6 +57,23 @@ class RankMetrics(MetricsCallback):
         finally:
             if summing:
                 self.counter.total = None
+
+
+def signal_agreement() -> Callable[[int], int]:
+    """A collective that gives every rank the largest stop signal number any rank has got (0: none), once per
+    step. It runs over a CPU (gloo) group, so it adds no GPU synchronisation to a NCCL run; every rank must call
+    this together, after the Trainer has set up the process group."""
+    import torch
+    import torch.distributed as dist
+
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def agree(signum: int) -> int:
+        flag = torch.tensor([signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return int(flag.item())
+
+    return agree
 
 
 class SignalOnce:

@@ -67,7 +67,7 @@ def load_model(cfg: RunConfig, path: str, plan: DevicePlan, device_map: Any = No
         path,
         revision=cfg.model.revision,
         dtype=getattr(torch, plan.model_dtype),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=plan.attn,
         trust_remote_code=cfg.model.trust_remote_code,
         quantization_config=bnb,
         device_map=device_map,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
-from trainer.distributed import RankMetrics, SignalOnce
+from trainer.distributed import RankMetrics, SignalOnce, signal_agreement
 from trainer.launch import ONE_MACHINE, SHARDED, Machines, inside_launch, is_main_process, wants_launcher
 from trainer.log_tee import tee_to
 from trainer.presets import load_config
@@ -110,8 +110,8 @@ def to_sft_config(cfg: RunConfig, run: RunDir, flags: dict[str, bool], has_eval:
         save_total_limit=t.save_total_limit,
         # Rows arrive already cut to max_length (data.overlength). TRL refuses padding_free without packing while
         # max_length is set, as it would not cut them itself.
-        max_length=None if t.padding_free and not t.packing else cfg.data.max_length,
-        packing=t.packing,
+        max_length=None if t.padding_free and t.packing is not True else cfg.data.max_length,
+        packing=t.packing is True,  # 'auto' is decided in prepare()
         packing_strategy="bfd",  # rows kept whole and apart; "wrapped" cuts rows and lets them attend to each other
         padding_free=t.padding_free,
         loss_type="nll",  # plain token NLL; TRL 1.16's "chunked_nll" is only a deprecated alias of it
@@ -204,6 +204,9 @@ def prepare(s: Session):
         eval_dropped=(e.dropped_overlength + e.dropped_no_trainable) if e else 0,
     )
     decide_checkpointing(s, plan.cuda, record_memory_estimate(s))
+    decide_packing(s, plan)
+    if plan.attn != s.cfg.model.attn_implementation:
+        print(f"model.attn_implementation {s.cfg.model.attn_implementation} -> {plan.attn}")
     s.facts.update(
         base_model=s.cfg.model.name_or_path,
         train_rows=len(data.train),
@@ -241,8 +244,24 @@ def decide_checkpointing(s: Session, cuda: bool, memory: MemoryEstimate | None) 
     else:
         choice, why = True, "on: no memory estimate to show the run fits without it"
     s.cfg = resolve_checkpointing(s.cfg, choice)
-    print(f"gradient_checkpointing auto -> {why}")
-    s.run.event(0, "gradient_checkpointing", enabled=choice, reason=why)
+    announce_auto(s, "gradient_checkpointing", choice, why)
+
+
+def decide_packing(s: Session, plan: Any) -> None:
+    """Replace packing 'auto' by what suits this machine's attention kernel."""
+    from trainer import device
+
+    if s.cfg.training.packing != "auto":
+        return
+    choice, why = device.packing(s.cfg, plan)
+    s.cfg = s.cfg.model_copy(update={"training": s.cfg.training.model_copy(update={"packing": choice})})
+    announce_auto(s, "packing", choice, why)
+
+
+def announce_auto(s: Session, field: str, choice: bool, why: str) -> None:
+    """An 'auto' setting decided: in the log and as an event (config.yaml keeps 'auto')."""
+    print(f"training.{field} auto -> {why}")
+    s.run.event(0, field, enabled=choice, reason=why)
 
 
 def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
@@ -276,12 +295,14 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     counter = (SharedTokenCounter if s.cfg.training.dataloader_num_workers else TokenCounter)(trainer.data_collator)
     trainer.data_collator = counter
     s.metrics = RankMetrics(s.run, counter, trainer.is_world_process_zero(), trainer.args.world_size)
+    if trainer.args.world_size > 1:
+        s.stop.agree = signal_agreement()
     trainer.add_callback(s.metrics)
     if s.cfg.adapter.method == "adalora":
         trainer.add_callback(AdaLoraAllocator(trainer.model))
     if s.cfg.adapter.method == "pissa":
         s.pissa_init = save_pissa_init(trainer.model, s.run)
-    if s.cfg.training.packing:  # packed blocks, not rows, make the batches
+    if s.cfg.training.packing is True:  # packed blocks, not rows, make the batches
         total = total_optimizer_steps(s.cfg, len(trainer.train_dataset), world)
     trainable, total_params = count_parameters(trainer.model)
     s.facts.update(
