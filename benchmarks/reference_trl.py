@@ -78,7 +78,12 @@ def load_model(args: argparse.Namespace, dtype):
         )
     device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"} if quant else None
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=dtype, quantization_config=quant, device_map=device_map, attn_implementation="sdpa"
+        args.model,
+        dtype=dtype,
+        quantization_config=quant,
+        device_map=device_map,
+        attn_implementation="sdpa",
+        use_safetensors=True,
     )
     if quant:
         model = prepare_model_for_kbit_training(

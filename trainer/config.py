@@ -48,7 +48,9 @@ class ModelSection(Section):
         "model, else sdpa (PyTorch's fused attention). flash_attention_* need a GPU.",
     )
     trust_remote_code: bool = Field(
-        False, description="Run Python code shipped with the model repo. Only for repos you trust."
+        False,
+        description="Run Python code shipped with the model repo, with your permissions, when it loads. Only for "
+        "repos you trust; the run's log and metrics carry a warning when it is on.",
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template overriding the tokenizer's (for base models without one)."

@@ -307,7 +307,9 @@ def fidelity_check(model_dir: Path, inputs: list[Any], reference: list[Any], tol
     """Load the saved model with plain transformers and compare its logits with base + adapter."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), device_map={"": 0} if cuda else None)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), device_map={"": 0} if cuda else None, use_safetensors=True
+    )
     logits = forward_logits(model, inputs)
     del model
     return compare(reference, logits, tol_key)

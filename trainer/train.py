@@ -180,6 +180,13 @@ def prepare(s: Session):
     if problems:
         raise ConfigError(problems)
     plan = device.plan(s.cfg, cuda, bf16_ok, tf32_ok)
+    if s.cfg.model.trust_remote_code:
+        warning = (
+            f"model.trust_remote_code is true: Python files shipped with {s.cfg.model.name_or_path} will run in "
+            "this process with your permissions. Keep it only for repos you trust."
+        )
+        print(f"WARNING: {warning}")
+        s.run.event(0, "warning", message=warning)
     path = model_path(s.cfg)
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
