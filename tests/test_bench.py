@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from trainer import bench
-from trainer.bench import Case, Measure
+from trainer import bench, bench_report
+from trainer.bench import Case
+from trainer.bench_report import Measure
 from trainer.cli import main as cli_main
 from trainer.presets import build_config
 
@@ -65,19 +66,26 @@ def test_reference_trains_the_last_assistant_turn_of_every_format() -> None:
 
 def test_summary_ratio_and_mfu_arithmetic() -> None:
     # 5 steps of 1 s ending at t = 11..15 after t0 = 10; 100 tokens per step; the first 2 are warm-up.
-    wall, step_s, tps = bench.summarize(10.0, [11, 12, 13, 14, 15], [100, 200, 300, 400, 500], warmup=2)
+    wall, step_s, tps = bench_report.summarize(10.0, [11, 12, 13, 14, 15], [100, 200, 300, 400, 500], warmup=2)
     assert (wall, step_s, tps) == (5.0, 1.0, 100.0)
-    wall, step_s, tps = bench.summarize(0.0, [3.0, 4.0, 6.0], [50, 150, 350], warmup=1)
+    wall, step_s, tps = bench_report.summarize(0.0, [3.0, 4.0, 6.0], [50, 150, 350], warmup=1)
     assert (wall, step_s, tps) == (6.0, 1.5, 100.0)
-    assert bench.summarize(0.0, [2.0], [10], warmup=3)[1:] == (2.0, 5.0)  # too few steps: keep the last one
-    assert bench.ratio(3.0, 2.0) == 1.5 and bench.ratio(None, 2.0) is None and bench.ratio(1.0, 0.0) is None
+    assert bench_report.summarize(0.0, [2.0], [10], warmup=3)[1:] == (2.0, 5.0)  # too few steps: keep the last one
+    assert (
+        bench_report.ratio(3.0, 2.0) == 1.5
+        and bench_report.ratio(None, 2.0) is None
+        and bench_report.ratio(1.0, 0.0) is None
+    )
     # 4·N + 6·N_lora + 12·L·d·s: N = 1e9, N_lora = 1e7, L = 24, d = 1024, s = 512
-    flops = bench.flops_per_token(10**9, 10**7, 24, 1024, 512)
+    flops = bench_report.flops_per_token(10**9, 10**7, 24, 1024, 512)
     assert flops == 4e9 + 6e7 + 12 * 24 * 1024 * 512
-    assert bench.mfu(10_000, flops, 989.4e12) == pytest.approx(10_000 * flops / 989.4e12)
-    assert bench.mfu(None, flops, 1e12) is None and bench.mfu(1.0, flops, None) is None
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and bench.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert bench.peak_flops("NVIDIA L40S") == 362e12 and bench.peak_flops("cpu") is None
+    assert bench_report.mfu(10_000, flops, 989.4e12) == pytest.approx(10_000 * flops / 989.4e12)
+    assert bench_report.mfu(None, flops, 1e12) is None and bench_report.mfu(1.0, flops, None) is None
+    assert (
+        bench_report.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+        and bench_report.peak_flops("NVIDIA H100 PCIe") == 756e12
+    )
+    assert bench_report.peak_flops("NVIDIA L40S") == 362e12 and bench_report.peak_flops("cpu") is None
 
 
 def test_table_rows_show_ratios_to_the_reference() -> None:
@@ -86,14 +94,14 @@ def test_table_rows_show_ratios_to_the_reference() -> None:
         "b": Measure(10.4, 8.2, 0.52, 960.0, peak_gb=2.0, first_loss=1.25, predicted_gb=2.5),
         "c": Measure(error="exit 1, see c.log"),
     }
-    rows = bench.table_rows("m-lora-512", runs, flops=1e9, peak=1e12)
+    rows = bench_report.table_rows("m-lora-512", runs, flops=1e9, peak=1e12)
     a, b, c = ([x.strip() for x in row.strip("|").split("|")] for row in rows)
     assert a[:2] == ["m-lora-512", "(a) plain TRL"]
     assert a[2:] == ["1,000", "500.0", "10.00", "8.00", "2.000", "100.0", "1.00", "1.000", "1.000", "1.2500", "n/a"]
     assert b[2:] == ["960", "520.0", "10.40", "8.20", "2.000", "96.0", "0.96", "1.040", "1.025", "1.2500", "+25"]
     assert c[:3] == ["m-lora-512", "(c) workbench defaults", "failed: exit 1, see c.log"]
-    assert all(row.count("|") == bench.TABLE_HEAD.splitlines()[0].count("|") for row in rows)
-    lines = bench.findings([("x", runs), ("y", {**runs, "b": Measure(wall_s=9.0, tokens_per_s=1.0)})])
+    assert all(row.count("|") == bench_report.TABLE_HEAD.splitlines()[0].count("|") for row in rows)
+    lines = bench_report.findings([("x", runs), ("y", {**runs, "b": Measure(wall_s=9.0, tokens_per_s=1.0)})])
     assert lines == [
         "(b)/(a) training wall time: median 0.970, range 0.900 to 1.040 over 2 cases",
         "(b)/(a) training CPU time: median 1.025, range 1.025 to 1.025 over 1 cases",
@@ -114,9 +122,9 @@ def test_median_of_repeats_skips_failed_runs() -> None:
         Measure(wall_s=1.0, peak_gb=1.0),
         Measure(wall_s=2.0),
     ]
-    m = bench.median_measure(runs)
+    m = bench_report.median_measure(runs)
     assert (m.wall_s, m.peak_gb, m.step_s, m.error) == (2.0, 1.0, None, None)
-    assert bench.median_measure([Measure(error="x")]).error == "x"
+    assert bench_report.median_measure([Measure(error="x")]).error == "x"
 
 
 def test_workbench_measure_reads_metrics_and_the_memory_estimate(tmp_path: Path) -> None:
@@ -182,7 +190,7 @@ def test_bench_command_runs_one_case_and_appends_a_table(tiny_model: Path, tmp_p
     cache.mkdir()
     (cache / "tiny-model").symlink_to(tiny_model)
     out = tmp_path / "RESULTS.md"
-    earlier = bench.RESULTS_HEADER + "\n## an earlier run\n\nits table\n"
+    earlier = bench_report.RESULTS_HEADER + "\n## an earlier run\n\nits table\n"
     out.write_text(earlier)
     argv = ["bench", "--matrix", "cpu", "--only", "tiny-lora-64", "--steps", "3", "--threads", "1", "--variants", "b"]
     code = cli_main(argv + ["--out", str(out), "--work-dir", str(tmp_path / "work"), "--cache-dir", str(cache)])
