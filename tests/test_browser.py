@@ -204,6 +204,29 @@ def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> Non
     wait_until(lambda: run_state(page, run_id)[0] == "stopped", 90, "the run to stop")
 
 
+def test_ten_sessions_watch_one_run(browser, page, server: Server) -> None:
+    """Nine more browser sessions open while a run trains: each finds the running job by itself, follows it and
+    sees it complete at its last step; the first session started it."""
+    open_app(page, server)
+    run_id = start_from_page(page, training__max_steps=120, training__logging_steps=10)
+    contexts = [browser.new_context(viewport={"width": 1000, "height": 700}) for _ in range(9)]
+    try:
+        pages = [page]
+        for context in contexts:
+            pg = context.new_page()
+            pg.set_default_timeout(120_000)
+            pg.goto(server.url)
+            pg.wait_for_selector("#start-btn")
+            pages.append(pg)
+        for i, pg in enumerate(pages):
+            wait_until(lambda pg=pg: run_state(pg, run_id)[0] == "completed", 300, f"session {i + 1} to see the end")
+            assert run_state(pg, run_id) == ("completed", 120)
+    finally:
+        for context in contexts:
+            context.close()
+    assert json.loads((server.runs_dir / run_id / "status.json").read_text())["state"] == "completed"
+
+
 def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) -> None:
     srv = Server(tmp_path / "runs", tmp_path / "server.log")
     srv.start()
