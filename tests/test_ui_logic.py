@@ -725,3 +725,19 @@ def test_the_file_route_serves_only_the_offered_downloads(tmp_path: Path, monkey
     assert (
         is_allowed_file(tmp_path / "hf" / "token", access["blocked_paths"], [str(tmp_path)], [])[1] == "in_blocklist"
     )
+
+
+def test_summary_cache_reads_a_growing_metrics_file_from_where_it_stopped(tmp_path: Path) -> None:
+    run = _make_run(tmp_path)
+    cache = SummaryCache()
+    before = cache.get(_job(run))
+    tail = cache._tails[run]
+    read_up_to = tail.offset
+    with open(run / "metrics.jsonl", "a") as f:  # the writer finishes the half-written last line
+        f.write(', "time": 1.0, "loss": 0.125}\n')
+    after = cache.get(_job(run))
+    assert after.train_loss == 0.125 != before.train_loss
+    assert cache._tails[run] is tail and tail.offset > read_up_to  # only the appended bytes were parsed
+    assert after == summarize(run, "")  # the same row as reading the whole file
+    (run / "metrics.jsonl").write_text("")  # replaced by a shorter file: read again from the start
+    assert cache.get(_job(run)).train_loss is None and cache._tails[run] is not tail

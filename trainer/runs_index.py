@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from trainer.metrics_reader import MetricsTail
 from trainer.registry import Job
 from trainer.run_dir import read_metrics, read_status
 
@@ -94,10 +95,11 @@ def method_label(cfg: dict[str, Any]) -> str:
     return label
 
 
-def summarize(run_path: Path, name: str | None = None) -> RunSummary:
+def summarize(run_path: Path, name: str | None = None, lines: list[dict[str, Any]] | None = None) -> RunSummary:
+    """One run's row; lines: its metrics lines when the caller already has them (default: read the file)."""
     status = read_status(run_path) or {}
     cfg = read_config(run_path)
-    lines = read_metrics(run_path / "metrics.jsonl")
+    lines = read_metrics(run_path / "metrics.jsonl") if lines is None else lines
     train = [m for m in lines if m["kind"] == "train" and m.get("loss") is not None]
     evals = [m for m in lines if m["kind"] == "eval" and m.get("eval_loss") is not None]
     system = [m for m in lines if m["kind"] == "system"]
@@ -125,21 +127,28 @@ def summarize(run_path: Path, name: str | None = None) -> RunSummary:
 
 
 class SummaryCache:
-    """summarize() per run, recomputed only when status.json or metrics.jsonl changed (or the name did)."""
+    """summarize() per run, recomputed only when status.json or metrics.jsonl changed (or the name did); a
+    growing metrics.jsonl is read from where the last read stopped, so a long run's refresh parses only its
+    new lines."""
 
     def __init__(self):
         self._cache: dict[Path, tuple[tuple, RunSummary]] = {}
+        self._tails: dict[Path, MetricsTail] = {}
         self._lock = threading.Lock()
 
     def get(self, job: Job) -> RunSummary:
         path = Path(job.run_dir)
-        key = (job.name, *(_stamp(path / f) for f in ("status.json", "metrics.jsonl", "config.yaml")))
+        stamps = [_stamp(path / f) for f in ("status.json", "metrics.jsonl", "config.yaml")]
+        key = (job.name, *stamps)
         with self._lock:
             hit = self._cache.get(path)
             if hit and hit[0] == key:
                 return hit[1]
-        summary = summarize(path, job.name)
-        with self._lock:
+            tail = self._tails.get(path)
+            if tail is None or (stamps[1] or (0, 0))[1] < tail.offset:  # new, or the file was replaced
+                tail = self._tails[path] = MetricsTail(path / "metrics.jsonl")
+            tail.poll()
+            summary = summarize(path, job.name, tail.lines)
             self._cache[path] = (key, summary)
         return summary
 
