@@ -147,6 +147,8 @@ def test_auto_checkpointing_is_off_where_the_run_fits_without_it():
     assert off.memory.needed_bytes > 0.85 * h100[0] and off.memory.checkpointing is False
     # no GPU: nothing to fit, so the faster setting
     assert estimate(big_cfg, (None, None)).memory.checkpointing is False
+    # a pre-flight that ran out of memory under 'auto' tries checkpointing on first
+    assert variants(cfg_for("Qwen/Qwen2.5-0.5B-Instruct"))[0][0].startswith("training.gradient_checkpointing: true")
 
 
 def test_a_run_decides_auto_checkpointing_and_says_why(make_config, tmp_path):

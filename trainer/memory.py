@@ -221,7 +221,7 @@ def variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     def with_(section: str, **changes: Any) -> RunConfig:
         return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})
 
-    if t.gradient_checkpointing is False:
+    if t.gradient_checkpointing is not True:  # off, or 'auto' that chose off and still ran out of memory
         out.append(
             ("training.gradient_checkpointing: true (~20-30% slower)", with_("training", gradient_checkpointing=True))
         )
