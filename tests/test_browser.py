@@ -65,6 +65,18 @@ def open_app(page, server: Server) -> None:
     page.wait_for_function("() => document.querySelector('#estimate')?.innerText.includes('Trainable parameters')")
 
 
+def reopen(page, url: str, tries: int = 3) -> None:
+    """Load the page again after a server restart: the old page's own reconnect can abort the first try."""
+    for attempt in range(tries):
+        try:
+            page.goto(url)
+            return
+        except playwright_api.Error:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1)
+
+
 def run_state(page, run_id: str) -> tuple[str | None, int]:
     """(state, step) the monitor shows for run_id; (None, 0) while it shows something else."""
     el = page.locator(".lwb-progress")
@@ -246,7 +258,7 @@ def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) ->
         trainer_pid = json.loads((srv.runs_dir / run_id / "status.json").read_text())["pid"]
         assert Path(f"/proc/{trainer_pid}").exists()
         srv.start()
-        page.reload()
+        reopen(page, srv.url)
         page.wait_for_selector("#start-btn")
         wait_until(lambda: run_state(page, run_id)[0] == "running", 30, "re-attached run after restart")
         assert page.locator("#watch-run input").input_value() == run_id
