@@ -90,6 +90,23 @@ def test_an_abandoned_reply_releases_the_model(engine: ChatEngine):
     assert list(engine.stream(PROMPT, GREEDY, "lora"))  # the next reply is not blocked
 
 
+def test_a_reply_stepped_from_several_threads_finishes_and_frees_the_model(engine: ChatEngine):
+    """Gradio runs each next() of a streaming handler on whichever worker thread is free."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = engine.compare([(BASE, PROMPT), ("lora", PROMPT)], GREEDY)
+    texts, done = [], object()
+    for _ in range(1000):
+        with ThreadPoolExecutor(1) as pool:  # a fresh thread for every step
+            item = pool.submit(next, gen, done).result(timeout=60)
+        if item is done:
+            break
+        texts.append(item)
+    assert {i for i, _ in texts} == {0, 1}
+    with ThreadPoolExecutor(1) as pool:  # the lock is free again, whichever thread asks
+        pool.submit(lambda: list(engine.stream(PROMPT, GREEDY, "lora"))).result(timeout=60)
+
+
 def test_adapter_for_another_base_is_refused_readably(trained_adapter, tiny_model, tmp_path):
     wider = other_base(tmp_path, tiny_model)
     engine = ChatEngine()

@@ -75,7 +75,10 @@ class ChatEngine:
     """The shared chat model: load/unload the base, add/remove adapters, stream replies, stop them."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        # A plain Lock, not an RLock: compare() is a generator that holds it across yields, and Gradio runs each
+        # next() on whichever worker thread is free, so the release can come from another thread than the
+        # acquire (an RLock then raises "cannot release un-acquired lock" and stays held).
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self.loaded: LoadedBase | None = None
         self.base_loads = 0  # how many times a base was loaded: switching adapters must not add to it
@@ -94,7 +97,7 @@ class ChatEngine:
         _check_same_kind(list(sources.values()))
         quant = (first.quantization if first else "none") if quantization == "as trained" else quantization
         with self._lock:
-            self.unload()
+            self._unload()
             t0 = time.perf_counter()
             model, device = _load_base(base_path, quant, first)
             self.base_loads += 1
@@ -153,12 +156,15 @@ class ChatEngine:
     def unload(self) -> None:
         """Free the model (and the GPU memory it held)."""
         with self._lock:
-            self.loaded = None
-            gc.collect()
-            import torch
+            self._unload()
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    def _unload(self) -> None:
+        import torch
+
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # --- facts -----------------------------------------------------------------------------------------------
     @property
