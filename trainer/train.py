@@ -485,6 +485,17 @@ def run_training(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if inside_launch():
+            leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Close this rank's process group before exiting: a rank that exits with gloo's threads still running
+    can abort ("terminate called without an active exception") and fail the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def mark_failed_if_run_dir(config_path: Path, error: str) -> None:
