@@ -123,27 +123,18 @@ def test_auto_checkpointing_is_off_where_the_run_fits_without_it():
     h100 = (80 * GB, "H100")
     small = estimate(cfg_for("Qwen/Qwen2.5-0.5B-Instruct", data={"max_length": 512}), h100).memory
     assert small.checkpointing is False and small.checkpointing_note.startswith("off: needs")
-    big_cfg = cfg_for("Qwen/Qwen2.5-7B-Instruct", data={"max_length": 2048}, training={"per_device_batch_size": 4})
+
+    def qwen_7b(checkpointing: object) -> object:  # batch 4 x 2048 tokens
+        training = {"per_device_batch_size": 4, "gradient_checkpointing": checkpointing}
+        return cfg_for("Qwen/Qwen2.5-7B-Instruct", data={"max_length": 2048}, training=training)
+
+    big_cfg = qwen_7b("auto")
     big = estimate(big_cfg, h100).memory
     assert big.checkpointing is True and big.checkpointing_note.startswith("on: needs")
     # the 'on' prediction is the explicit-true one, and the 'off' one would have needed more than 85% of the GPU
-    explicit = estimate(
-        cfg_for(
-            "Qwen/Qwen2.5-7B-Instruct",
-            data={"max_length": 2048},
-            training={"per_device_batch_size": 4, "gradient_checkpointing": True},
-        ),
-        h100,
-    )
+    explicit = estimate(qwen_7b(True), h100)
     assert explicit.memory.parts == big.parts and explicit.memory.checkpointing_note == ""
-    off = estimate(
-        cfg_for(
-            "Qwen/Qwen2.5-7B-Instruct",
-            data={"max_length": 2048},
-            training={"per_device_batch_size": 4, "gradient_checkpointing": False},
-        ),
-        h100,
-    )
+    off = estimate(qwen_7b(False), h100)
     assert off.memory.needed_bytes > 0.85 * h100[0] and off.memory.checkpointing is False
     # no GPU: nothing to fit, so the faster setting
     assert estimate(big_cfg, (None, None)).memory.checkpointing is False

@@ -729,6 +729,7 @@ def test_the_file_route_serves_only_the_offered_downloads(tmp_path: Path, monkey
 
 def test_summary_cache_reads_a_growing_metrics_file_from_where_it_stopped(tmp_path: Path) -> None:
     run = _make_run(tmp_path)
+    write_json_atomic(run / "status.json", {"state": "running", "step": 6, "max_steps": 60})
     cache = SummaryCache()
     before = cache.get(_job(run))
     tail = cache._tails[run]
@@ -741,3 +742,5 @@ def test_summary_cache_reads_a_growing_metrics_file_from_where_it_stopped(tmp_pa
     assert after == summarize(run, "")  # the same row as reading the whole file
     (run / "metrics.jsonl").write_text("")  # replaced by a shorter file: read again from the start
     assert cache.get(_job(run)).train_loss is None and cache._tails[run] is not tail
+    write_json_atomic(run / "status.json", {"state": "completed", "step": 60, "max_steps": 60})
+    assert cache.get(_job(run)).state == "completed" and run not in cache._tails  # done: the row stays, not the lines

@@ -446,7 +446,8 @@ class Bench:
         defaults = workbench_config(case, model_dir, data, self.steps, self.work)
         matched, _, unknown = plain_trl(defaults, bf16)
         resolved = build_config(defaults)
-        packs = device.packing(resolved, device.plan(resolved, *device.detect()[::2]))[0]  # as the run decides
+        cuda, _, bf16_ok = device.detect()
+        packs = device.packing(resolved, device.plan(resolved, cuda, bf16_ok))[0]  # as the run will decide
         keys = [k for k in dict.fromkeys("a" + self.variants) if k in VARIANTS and not (k == "d" and packs)]
         runs: dict[str, list[Measure]] = {k: [] for k in keys}
         for i in range(self.repeat):

@@ -16,7 +16,7 @@ import yaml
 
 from trainer.metrics_reader import MetricsTail
 from trainer.registry import Job
-from trainer.run_dir import read_metrics, read_status
+from trainer.run_dir import FINAL_STATES, read_metrics, read_status
 
 COLUMNS = [
     "run",
@@ -150,6 +150,8 @@ class SummaryCache:
             tail.poll()
             summary = summarize(path, job.name, tail.lines)
             self._cache[path] = (key, summary)
+            if summary.state in FINAL_STATES:  # it will not grow: keep its row, not its lines
+                del self._tails[path]
         return summary
 
 

@@ -41,41 +41,17 @@ def system_sample() -> dict[str, Any]:
         "gpu_mem_reserved_gb": round(torch.cuda.memory_reserved(dev) / GB, 4),
         "gpu_mem_peak_gb": round(torch.cuda.max_memory_allocated(dev) / GB, 4),
         "gpu_mem_total_gb": round(torch.cuda.get_device_properties(dev).total_memory / GB, 4),
-        "gpu_util_percent": None,
     }
-    sample["gpu_util_percent"] = _utilisation_poller(dev).latest
     gpus = _devices_poller().latest
-    if gpus:  # every GPU of this machine the run can see: the other ranks' devices too (NVML, device-wide)
+    # this rank's device from the same NVML poll that lists every GPU of the machine (the other ranks' too)
+    sample["gpu_util_percent"] = next((g["util_percent"] for g in gpus if g["index"] == dev), None)
+    if gpus:
         sample["gpus"] = gpus
     return sample
 
 
-class UtilisationPoller:
-    """The GPU's utilisation from NVML, read every NVML_INTERVAL_S on its own thread; latest is None until known."""
-
-    def __init__(self, handle: Any):
-        self.handle, self.latest = handle, None
-        threading.Thread(target=self._loop, name="nvml-poller", daemon=True).start()
-
-    def _loop(self) -> None:
-        import pynvml
-
-        while True:
-            try:
-                self.latest = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
-            except pynvml.NVMLError:
-                self.latest = None
-            time.sleep(NVML_INTERVAL_S)
-
-
 class _NoPoller:
-    latest = None
-
-
-@functools.cache
-def _utilisation_poller(index: int) -> UtilisationPoller | _NoPoller:
-    handle = _nvml_handle(index)
-    return UtilisationPoller(handle) if handle is not None else _NoPoller()
+    latest: list[dict[str, Any]] = []
 
 
 def _visible_handles() -> list[tuple[int, Any]]:
