@@ -490,11 +490,16 @@ def run_training(
 
 
 def leave_process_group() -> None:
-    """Close this rank's process group before exiting: a rank that exits with gloo's threads still running
-    can abort ("terminate called without an active exception") and fail the whole launch."""
+    """Wait for every rank, then close the process group. Rank 0 may still be saving the adapter, and a rank
+    that exits first (with a stop's 143) makes the launcher SIGTERM the others; a rank that exits with gloo's
+    threads still running can abort ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a rank is already gone (it failed): nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 
