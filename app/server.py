@@ -18,6 +18,7 @@ from app.context import DEFAULT_EXAMPLE, AppContext
 from app.export_tab import build_export_tab
 from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
+from trainer.builtin_models import cache_root
 from trainer.jobs import JobManager
 from trainer.uploads import UPLOAD_LIMIT_MB
 
@@ -92,11 +93,23 @@ def served_files(runs_dir: Path) -> dict[str, list[str]]:
     """Gradio's file access: only the adapter zips the page offers (run files, the job registry, model caches and
     the hub token stay unreachable through /file=, even for a signed-in user who guesses a path)."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    blocked = [runs_dir / "registry.sqlite", runs_dir / ".jobs", runs_dir / ".cache", hf_home, Path.home() / ".ssh"]
+    caches = [runs_dir / ".cache", cache_root(runs_dir)]
+    blocked = [runs_dir / "registry.sqlite", runs_dir / ".jobs", *caches, hf_home, Path.home() / ".ssh"]
     return {
         "allowed_paths": [str(runs_dir / ".downloads")],
         "blocked_paths": [str(p.resolve()) for p in blocked],
     }
+
+
+def prepare_default_model(ctx: AppContext) -> None:
+    """Start building the default example's built-in model now, so the first Start does not wait for it."""
+    from trainer.builtin_models import start_prepare
+    from trainer.form import default_values
+
+    model_id = default_values(str(ctx.runs_dir), ctx.example).get("model.name_or_path")
+    log = start_prepare(str(model_id), ctx.runs_dir) if model_id else None
+    if log is not None:
+        print(f"preparing the built-in model {model_id} in the background (log: {log})", flush=True)
 
 
 def serve(
@@ -114,6 +127,7 @@ def serve(
     manager.adopt_runs_on_disk()
     manager.start()
     ctx = AppContext(runs_dir=root, manager=manager, example=example)
+    prepare_default_model(ctx)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     print(f"LoRA Workbench on http://{host}:{port} (runs dir {root})", flush=True)

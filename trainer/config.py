@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.builtin_models import BUILTIN_REAL, SMOLLM2
 from trainer.tiny_model import TINY_MODEL_ID
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -35,8 +36,9 @@ class Section(BaseModel):
 class ModelSection(Section):
     name_or_path: str = Field(
         TINY_MODEL_ID,
-        description="Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local directory of the base model. "
-        f"'{TINY_MODEL_ID}' is the offline tiny model, built on first use.",
+        description="Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local directory of the base model. Built in, "
+        f"offline: '{SMOLLM2.model_id}' (SmolLM2-135M-Instruct, a real instruct model fetched from PyPI and converted "
+        f"once) and '{TINY_MODEL_ID}' (a random-weight toy for fast tests).",
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin the base model to.")
     dtype: Dtype = Field(
@@ -60,6 +62,14 @@ class ModelSection(Section):
         description="Named sets of linear layers of this architecture (from the model preset), usable as "
         "adapter.target_modules, e.g. 'default' (attention + MLP) or 'attention'.",
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        known = [TINY_MODEL_ID, *BUILTIN_REAL]
+        if v.startswith("builtin:") and v not in known:
+            raise ValueError(f"unknown built-in model {v!r} (built in: {', '.join(known)})")
+        return v
 
 
 class QuantizationSection(Section):

@@ -38,8 +38,12 @@ class Estimate:
 def load_model_config(cfg: RunConfig):
     from transformers import AutoConfig
 
+    from trainer.builtin_models import BUILTIN_REAL, cache_root, cached_dir
     from trainer.models import model_path
 
+    spec = BUILTIN_REAL.get(cfg.model.name_or_path)
+    if spec is not None and cached_dir(spec, cache_root(cfg.output.runs_dir)) is None:
+        return AutoConfig.from_pretrained(kept_config_dir(spec.hub_id))  # shapes now; no conversion for an estimate
     path = model_path(cfg)
     try:
         return AutoConfig.from_pretrained(

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from trainer.builtin_models import BUILTIN_REAL, cache_root, ensure_builtin
 from trainer.config import QuantizationSection, RunConfig
 from trainer.device import DevicePlan
 from trainer.tiny_model import TINY_MODEL_ID, ensure_tiny_model
 
 
 def model_path(cfg: RunConfig) -> str:
-    """The id or directory transformers loads; the tiny model is built once under <runs_dir>/.cache."""
-    if cfg.model.name_or_path == TINY_MODEL_ID:
-        return str(ensure_tiny_model(Path(cfg.output.runs_dir) / ".cache"))
-    return cfg.model.name_or_path
+    """The id or directory transformers loads; built-in models are built once under the cache (see cache_root)."""
+    name = cfg.model.name_or_path
+    if name == TINY_MODEL_ID:
+        return str(ensure_tiny_model(cache_root(cfg.output.runs_dir)))
+    if name in BUILTIN_REAL:
+        return str(ensure_builtin(BUILTIN_REAL[name], cache_root(cfg.output.runs_dir)))
+    return name
 
 
 def to_bnb_config(q: QuantizationSection, compute_dtype: str):

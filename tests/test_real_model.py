@@ -1,0 +1,176 @@
+"""The built-in real model (SmolLM2-135M-Instruct) through every path: train with each method, the label mask on
+its ChatML template, chat base vs adapter, export with the fidelity check, evaluate.
+
+One converted copy is shared by the whole session (the `real_model` fixture); runs are a few short steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, only_run
+from trainer.builtin_models import SMOLLM2, cache_root, cached_dir
+from trainer.config import ConfigError
+from trainer.presets import build_config, deep_merge
+
+INSTRUCTIONS = str(ROOT / "data/instructions_messages.jsonl")
+
+
+def real_config(tmp_path: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """A few-step run of the built-in model on the bundled instruction rows."""
+    base = {
+        "model_preset": "smollm2",
+        "adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "data": {"source": INSTRUCTIONS, "max_length": 96, "max_samples": 12},
+        "training": {
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "per_device_batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 1000,
+        },
+        "output": {"runs_dir": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(base, overrides or {})))
+    return path
+
+
+def train_lines(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def real_run(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One LoRA run of the real model, shared by the chat, export and evaluate tests."""
+    from trainer.train import run_training
+
+    root = tmp_path_factory.mktemp("real-lora")
+    cfg = real_config(root, {"training": {"max_steps": 4}})
+    assert run_training(str(cfg)) == 0
+    return only_run(root / "runs")
+
+
+def test_builtin_id_resolves_to_the_cached_checkpoint(real_model: Path, tmp_path: Path) -> None:
+    from trainer.models import model_path
+
+    cfg = build_config({"model_preset": "smollm2", "output": {"runs_dir": str(tmp_path)}})
+    assert cfg.model.name_or_path == "builtin:smollm2-135m"
+    assert Path(model_path(cfg)) == real_model == cached_dir(SMOLLM2, cache_root(tmp_path))
+    config = json.loads((real_model / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+
+
+def test_an_unknown_builtin_id_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config({"model": {"name_or_path": "builtin:smollm3"}})
+    assert "builtin:smollm2-135m" in str(e.value) and "builtin:tiny" in str(e.value)
+
+
+def test_two_processes_building_it_at_once_share_one_conversion(real_model: Path, tmp_path: Path) -> None:
+    """Two `prepare-model` processes on an empty cache: one converts, the other waits on the lock and reuses it."""
+    import shutil
+
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    wheel = cache_root("runs") / "downloads" / SMOLLM2.wheel_name  # the fixture's download: no network needed here
+    shutil.copy(wheel, downloads / wheel.name)
+    env = {**__import__("os").environ, "LORA_WORKBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "trainer", "prepare-model", SMOLLM2.model_id]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("converting" in o for o in outs) == 1 and sum("built by another process" in o for o in outs) == 1
+    target = tmp_path / "cache" / SMOLLM2.dir_name
+    assert (target / "model.safetensors").stat().st_size == (real_model / "model.safetensors").stat().st_size
+    assert [p.name for p in (tmp_path / "cache").iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"recipe": "qlora"},
+        {"adapter": {"method": "dora"}},
+        {"recipe": "adalora", "adapter": {"init_r": 8, "target_r": 4}, "training": {"max_steps": 4}},
+    ],
+    ids=["qlora-4bit", "dora", "adalora"],
+)
+def test_each_method_trains_the_real_model(real_model: Path, tmp_path: Path, overrides: dict) -> None:
+    from trainer.train import run_training
+
+    assert run_training(str(real_config(tmp_path, overrides))) == 0
+    run = only_run(tmp_path / "runs")
+    losses = [x["loss"] for x in train_lines(run)]
+    assert len(losses) >= 3 and all(0 < x < 20 for x in losses)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_preview_masks_the_chatml_prompt_and_trains_the_answer_and_its_end(
+    real_model: Path, tmp_path: Path
+) -> None:
+    from trainer.data_preview import CUT, PROMPT, TRAINED, preview_data
+
+    cfg = build_config(yaml.safe_load(real_config(tmp_path).read_text()))
+    row = preview_data(cfg, n_rows=1).rows[0]
+    trained = "".join(t for t, kind in row.segments if kind == TRAINED)
+    masked = "".join(t for t, kind in row.segments if kind == PROMPT)
+    first = json.loads(Path(INSTRUCTIONS).read_text().splitlines()[0])
+    answer = next(m["content"] for m in first["messages"] if m["role"] == "assistant")
+    assert answer in trained and trained.rstrip().endswith("<|im_end|>")  # the model must learn to stop
+    system = next(m["content"] for m in first["messages"] if m["role"] == "system")
+    assert f"<|im_start|>system\n{system}<|im_end|>" in masked
+    assert "<|im_start|>user" in masked and "<|im_start|>assistant" in masked
+    assert not any(kind == CUT for _, kind in row.segments)
+
+
+def test_chat_streams_base_and_adapter_side_by_side(real_run: Path) -> None:
+    from trainer.inference import BASE, ChatEngine, GenerationSettings
+
+    engine = ChatEngine()
+    engine.load({"lora": str(real_run / "adapter")})
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    chunks: dict[int, list[str]] = {0: [], 1: []}
+    for i, text in engine.compare(
+        [(BASE, prompt), ("lora", prompt)], GenerationSettings(temperature=0, max_new_tokens=16)
+    ):
+        chunks[i].append(text)
+    assert len(chunks[0]) > 1 and len(chunks[1]) > 1  # both streamed
+    assert "Paris" in chunks[0][-1]  # the real base answers correctly
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_export_merges_the_real_model_and_passes_its_fidelity_check(
+    real_run: Path, tmp_path: Path, dtype: str
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.export import ExportRequest, run_export
+
+    out = tmp_path / "merged"
+    report = run_export(ExportRequest(adapter=real_run / "adapter", out=out, dtype=dtype))
+    fidelity = report["fidelity"]
+    assert fidelity["passed"], fidelity
+    if dtype == "fp32":
+        assert fidelity["greedy_agreement"] == 1.0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_evaluate_writes_base_and_adapter_scores(real_run: Path) -> None:
+    from trainer.cli import main
+
+    assert main(["evaluate", str(real_run), "--data", INSTRUCTIONS, "--limit", "3", "--max-new-tokens", "8"]) == 0
+    result = json.loads((real_run / "eval_results.json").read_text())
+    assert result["rows"] == 3 and set(result) >= {"base", "adapter"}
+    assert result["base"]["loss"] > 0 and result["adapter"]["loss"] > 0
