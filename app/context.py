@@ -11,7 +11,7 @@ from trainer.monitor import Watchers
 from trainer.registry import Job
 from trainer.runs_index import SummaryCache
 
-DEFAULT_EXAMPLE = "examples/tiny-lora.yaml"  # what a fresh page starts with: tiny model + bundled data
+DEFAULT_EXAMPLE = "examples/smollm2-persona.yaml"  # what a fresh page starts with: the real model + persona data
 
 
 @dataclass

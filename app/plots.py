@@ -101,10 +101,12 @@ def overlay_figure(curves: dict[str, dict[str, list[Any]]]) -> go.Figure:
 
 
 def eval_figure(result: dict[str, Any]) -> go.Figure:
-    """Base vs adapter on the held-out rows: exact match (bars, left axis) and answer loss (right axis)."""
+    """Base vs adapter on the held-out rows: exact match and facts stated (bars, left axis), answer loss (right)."""
     who = [w for w in ("base", "adapter") if w in result]
-    fig = _fig(f"Held-out: {result.get('rows')} rows of {result.get('data')}", x_title="", y_title="exact match (%)")
+    fig = _fig(f"Held-out: {result.get('rows')} rows of {result.get('data')}", x_title="", y_title="share (%)")
     fig.add_bar(x=who, y=[100 * result[w]["exact_match"] for w in who], name="exact match (%)", offsetgroup=0)
-    fig.add_bar(x=who, y=[result[w]["loss"] for w in who], name="loss", yaxis="y2", offsetgroup=1)
+    if all("facts" in result[w] for w in who):
+        fig.add_bar(x=who, y=[100 * result[w]["facts"] for w in who], name="facts stated (%)", offsetgroup=1)
+    fig.add_bar(x=who, y=[result[w]["loss"] for w in who], name="loss", yaxis="y2", offsetgroup=2)
     fig.update_layout(yaxis2={"title": "loss", "overlaying": "y", "side": "right"}, barmode="group")
     return fig

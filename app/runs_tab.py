@@ -11,7 +11,7 @@ from app import plots
 from app.context import AppContext
 from trainer.jobs import log_tail
 from trainer.runs_index import COLUMNS, config_diff, loss_curves, read_config, zip_adapter
-from trainer.side_jobs import EVAL_HEADERS, eval_rows, progress_md, read_eval
+from trainer.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 
 
 def table_rows(ctx: AppContext) -> list[list[Any]]:
@@ -72,14 +72,15 @@ def submit_evaluate(ctx: AppContext, run_id: str | None) -> str:
     return f"Queued evaluation `{job_id}`."
 
 
-def evaluation_view(ctx: AppContext, run_id: str | None) -> tuple[str, list[list[Any]], Any]:
-    """(the newest evaluation job's progress, base-vs-adapter rows, chart) of one run."""
+def evaluation_view(ctx: AppContext, run_id: str | None) -> tuple[str, list[list[Any]], Any, list[list[str]]]:
+    """(the newest evaluation job's progress, base-vs-adapter rows, chart, per-question answers) of one run."""
     path = ctx.run_path(run_id) if run_id else None
     if path is None:
-        return "", [], None
+        return "", [], None, []
     jobs = [j for j in ctx.jobs_newest_first("evaluate") if j.name == run_id]
     result = read_eval(path)
-    return (progress_md(jobs[0]) if jobs else ""), eval_rows(result), plots.eval_figure(result) if result else None
+    figure = plots.eval_figure(result) if result else None
+    return (progress_md(jobs[0]) if jobs else ""), eval_rows(result), figure, eval_examples(result)
 
 
 def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
@@ -114,13 +115,18 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             card = gr.Markdown(elem_id="run-card")
         with gr.Tab("Evaluate"):
             gr.Markdown(
-                "Scores the base (adapter off) and the adapter on the run's held-out data: answer loss, perplexity "
-                "and exact match of greedy answers. Runs as a job in the queue; saved in the run as eval_results.json."
+                "Scores the base (adapter off) and the adapter on the run's held-out data: answer loss, perplexity, "
+                "exact match of greedy answers and, where the rows list the facts a right answer must state (as "
+                "data/persona_heldout.jsonl does), the share of answers that state them all. Runs as a job in the "
+                "queue; saved in the run as eval_results.json."
             )
             evaluate = gr.Button("Evaluate base vs adapter", elem_id="evaluate-btn")
             eval_progress = gr.Markdown(elem_id="eval-progress")
             eval_table = gr.Dataframe(headers=EVAL_HEADERS, interactive=False, elem_id="eval-table")
             eval_plot = gr.Plot(elem_id="eval-plot", show_label=False)
+            eval_answers = gr.Dataframe(
+                headers=EXAMPLE_HEADERS, interactive=False, wrap=True, elem_id="eval-answers", label="Answers"
+            )
         with gr.Tab("Rename / delete"):
             new_name = gr.Textbox(label="New name (letters, digits, . _ -)", elem_id="rename-text")
             rename = gr.Button("Rename", elem_id="rename-btn")
@@ -149,16 +155,16 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
 
     picks.change(lambda ids: compare(ctx, ids), inputs=picks, outputs=[overlay, diff, perf])
     opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=[config, log, card])
-    eval_outputs = [eval_progress, eval_table, eval_plot]
+    eval_outputs = [eval_progress, eval_table, eval_plot, eval_answers]
     opened.change(lambda r: evaluation_view(ctx, r), inputs=opened, outputs=eval_outputs)
     evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=note)
     eval_seen = gr.State(None)
 
     def eval_tick(run_id: str | None, last: Any):
-        progress_text, rows, figure = evaluation_view(ctx, run_id)
+        progress_text, rows, figure, answers = evaluation_view(ctx, run_id)
         if (progress_text, rows) == last:
-            return gr.skip(), gr.skip(), gr.skip(), last
-        return progress_text, rows, figure, (progress_text, rows)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
+        return progress_text, rows, figure, answers, (progress_text, rows)
 
     timer.tick(
         eval_tick,

@@ -87,6 +87,7 @@ COLUMNS = [
     "from",
     "value",
     "system",
+    "facts",
 ]
 message = st.dictionaries(
     st.sampled_from(["role", "content", "from", "value"]),

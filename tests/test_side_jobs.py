@@ -77,9 +77,17 @@ def test_evaluate_is_queued_for_a_finished_run_with_held_out_data(ctx: AppContex
     assert "queued" in evaluation_view(ctx, run_id)[0]
     result = {"rows": 8, "data": "heldout", "base": _score(0.0), "adapter": _score(0.875)}
     (run_dir / "eval_results.json").write_text(json.dumps(result))
-    _, rows, figure = evaluation_view(ctx, run_id)
+    _, rows, figure, answers = evaluation_view(ctx, run_id)
     assert rows == [["base", "0.0%", 3.1, 22.2], ["adapter", "87.5%", 3.1, 22.2]]
-    assert [t.name for t in figure.data] == ["exact match (%)", "loss"]
+    assert [t.name for t in figure.data] == ["exact match (%)", "loss"] and answers == []
+    facts = {"base": _score(0.0) | {"facts": 0.0}, "adapter": _score(0.5) | {"facts": 1.0}}
+    row = {"question": "Who are you?", "reference": "I'm Quill.", "facts": [["Quill"]], "base": "I'm SmolLM."}
+    row |= {"adapter": "I'm Quill.", "base_hit": False, "adapter_hit": True}
+    (run_dir / "eval_results.json").write_text(json.dumps(result | facts | {"examples": [row]}))
+    _, rows, figure, answers = evaluation_view(ctx, run_id)
+    assert rows[1] == ["adapter", "50.0%", 3.1, 22.2, "100.0%"]
+    assert [t.name for t in figure.data] == ["exact match (%)", "facts stated (%)", "loss"]
+    assert answers == [["Who are you?", "Quill", "I'm SmolLM.", "no", "I'm Quill.", "yes"]]
     assert submit_evaluate(ctx, None) == "Pick a run first."
 
 

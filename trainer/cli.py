@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score base vs adapter on a held-out file (exact match + loss)")
     ev.add_argument("run_dir", help="a finished run directory (runs/<run_id>)")
     ev.add_argument("--data", help="held-out data file (default: the run's eval data)")
-    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="longest greedy answer (default 32)")
     ev.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     ev.add_argument("--status-dir", help="also write status.json and result.json there (used by the UI's jobs)")
 

@@ -1,7 +1,8 @@
 """Detecting a dataset's format and converting each row to one canonical example.
 
 Every format becomes either `{"messages": [{"role", "content"}, ...]}` (loss on assistant turns only)
-or `{"text": str}` (loss on every token).
+or `{"text": str}` (loss on every token). A row's optional `facts` (what a correct free-text answer must state,
+scored by `lora-workbench evaluate`) rides along as `example["facts"]`; training ignores it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def convert_rows(rows: list[Row], fmt: str, source: str, system_prompt: str | No
     for row in rows:
         try:
             example = CONVERTERS[fmt](row.data)
+            if facts := _facts(row.data):
+                example["facts"] = facts
             if system_prompt and "messages" in example and example["messages"][0]["role"] != "system":
                 example["messages"].insert(0, {"role": "system", "content": system_prompt})
             examples.append(example)
@@ -83,6 +86,28 @@ def _text(data: dict, field: str, *, required: bool = True) -> str:
     except UnicodeEncodeError:
         raise RowError(f"field '{field}' holds an invalid character (a lone UTF-16 surrogate)") from None
     return value
+
+
+def _facts(data: dict) -> list[list[str]] | None:
+    """The row's `facts` as lists of accepted alternatives: each fact a string or a list of strings."""
+    facts = data.get("facts")
+    if facts is None or facts == "" or facts == []:  # no facts, or an empty CSV/parquet cell
+        return None
+    if not isinstance(facts, list | str):
+        raise RowError(
+            f"field 'facts' must be a list of texts or of lists of alternatives, not {type(facts).__name__}"
+        )
+    out = []
+    for i, fact in enumerate([facts] if isinstance(facts, str) else facts):
+        alternatives = [fact] if isinstance(fact, str) else fact
+        if not isinstance(alternatives, list) or not alternatives or not all(_is_text(a) for a in alternatives):
+            raise RowError(f"field 'facts' item {i} must be non-empty text or a list of non-empty texts")
+        out.append(alternatives)
+    return out
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 def from_alpaca(data: dict) -> Example:

@@ -76,17 +76,31 @@ def export_result_md(job: Job) -> str:
     return "\n\n".join(lines)
 
 
-EVAL_HEADERS = ["model", "exact match", "loss", "perplexity"]
+# "facts stated" last: a result without facts gives rows one column shorter, and the table drops that header.
+EVAL_HEADERS = ["model", "exact match", "loss", "perplexity", "facts stated"]
+EXAMPLE_HEADERS = ["question", "must state", "base answer", "base", "adapter answer", "adapter"]
 
 
 def eval_rows(result: dict[str, Any] | None) -> list[list[Any]]:
     if not result:
         return []
-    return [
-        [who, f"{result[who]['exact_match']:.1%}", result[who]["loss"], result[who]["perplexity"]]
-        for who in ("base", "adapter")
-        if who in result
-    ]
+    rows = []
+    for who in (w for w in ("base", "adapter") if w in result):
+        m = result[who]
+        row = [who, f"{m['exact_match']:.1%}", m["loss"], m["perplexity"]]
+        rows.append(row + [f"{m['facts']:.1%}"] if "facts" in m else row)
+    return rows
+
+
+def eval_examples(result: dict[str, Any] | None, limit: int = 30) -> list[list[str]]:
+    """Per-row answers of an evaluation (columns EXAMPLE_HEADERS): the facts a row needs, or its exact reference,
+    and whether each answer hits ("yes"/"no")."""
+    rows = []
+    for ex in (result or {}).get("examples", [])[:limit]:
+        need = "; ".join(" / ".join(f) for f in ex["facts"]) if ex.get("facts") else f"exactly: {ex['reference']}"
+        verdicts = ["yes" if ex.get(f"{who}_hit") else "no" for who in ("base", "adapter")]
+        rows.append([ex["question"], need, ex["base"], verdicts[0], ex["adapter"], verdicts[1]])
+    return rows
 
 
 def read_eval(run_path: Path) -> dict[str, Any] | None:
