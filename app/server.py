@@ -89,6 +89,22 @@ def check_exposure(host: str, auth: tuple[str, str] | None, insecure_no_auth: bo
         )
 
 
+def check_example(example: str | None) -> None:
+    """The config the page opens on must exist and be valid: a typo should stop the server, not blank the form."""
+    from trainer.config import ConfigError
+    from trainer.paths import resolve_local
+    from trainer.presets import load_config
+
+    path = resolve_local(example) if example else None
+    if example and path is None:
+        raise LaunchError(f"--example {example}: no such file (relative to the working dir or the project)")
+    try:
+        if path is not None:
+            load_config(path)
+    except ConfigError as e:
+        raise LaunchError(f"--example {example}: {e}") from None
+
+
 def served_files(runs_dir: Path) -> dict[str, list[str]]:
     """Gradio's file access: only the adapter zips the page offers (run files, the job registry, model caches and
     the hub token stay unreachable through /file=, even for a signed-in user who guesses a path)."""
@@ -122,6 +138,7 @@ def serve(
     example: str | None = DEFAULT_EXAMPLE,
 ) -> None:
     check_exposure(host, auth, insecure_no_auth)
+    check_example(example)
     root = Path(runs_dir).resolve()
     manager = JobManager(root, max_running=max_running)
     manager.adopt_runs_on_disk()

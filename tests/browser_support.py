@@ -28,10 +28,11 @@ def _free_port() -> int:
 
 
 class Server:
-    """A real `lora-workbench ui` process on a free port, over one runs dir; can be killed and restarted."""
+    """A real `lora-workbench ui` process on a free port, over one runs dir; can be killed and restarted. Its page
+    opens on `example` (the tiny model by default, for fast tests; the product default is the real model)."""
 
-    def __init__(self, runs_dir: Path, log: Path):
-        self.runs_dir, self.log, self.port = runs_dir, log, _free_port()
+    def __init__(self, runs_dir: Path, log: Path, example: str = "examples/tiny-lora.yaml"):
+        self.runs_dir, self.log, self.port, self.example = runs_dir, log, _free_port(), example
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -41,6 +42,7 @@ class Server:
     def start(self) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
         argv = [sys.executable, "-m", "trainer", "ui", "--port", str(self.port), "--runs-dir", str(self.runs_dir)]
+        argv += ["--example", self.example]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120

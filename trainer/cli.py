@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--auth-file", help="file holding one USER:PASS line")
     ui.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address without auth")
     ui.add_argument("--max-running", type=int, default=1, help="jobs that train at the same time (default 1)")
+    ui.add_argument(
+        "--example",
+        default="examples/smollm2-persona.yaml",
+        help="config a fresh page starts with (default: the real model on the persona task)",
+    )
 
     train = sub.add_parser("train", help="run one fine-tuning config (exit 0 done, 1 failed, 130/143 stopped)")
     train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             auth = read_auth(args.auth, args.auth_file)
-            serve(args.host, args.port, args.runs_dir, auth, args.insecure_no_auth, args.max_running)
+            serve(args.host, args.port, args.runs_dir, auth, args.insecure_no_auth, args.max_running, args.example)
         except LaunchError as e:
             print(f"lora-workbench ui: {e}", file=sys.stderr)
             return 2

@@ -209,15 +209,15 @@ def apply_preset(values: dict[str, Any], kind: str, name: str | None) -> dict[st
 
 
 def default_values(runs_dir: str, example: str | None = None) -> dict[str, Any]:
-    """The form a fresh page starts with: the given example config (tiny model + bundled data) or defaults."""
+    """The form a fresh page starts with: the example config (relative to the cwd or the project) or defaults."""
     from trainer.config import read_yaml
-    from trainer.paths import PROJECT_ROOT
+    from trainer.paths import resolve_local
     from trainer.presets import build_config, layer
 
     user: dict[str, Any] = {}
-    if example:
-        path = PROJECT_ROOT / example
-        user = read_yaml(path) if path.is_file() else {}
+    path = resolve_local(example) if example else None
+    if path is not None and path.is_file():
+        user = read_yaml(path)
     cfg = build_config(deep_merge(layer(user), {"output": {"runs_dir": runs_dir}}))
     return form_values(cfg)
 
