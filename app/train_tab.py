@@ -71,7 +71,16 @@ def estimate_md(ctx: AppContext, values: dict[str, Any]) -> str:
         f" × {max(cfg.hardware.num_gpus, 1)} GPU(s) = "
         f"{t.per_device_batch_size * t.gradient_accumulation_steps * max(cfg.hardware.num_gpus, 1)} sequences/step."
         + (f"  \n{est.memory.summary(est.total_params)}" if est.memory else "")
+        + builtin_note(cfg)
     )
+
+
+def builtin_note(cfg: RunConfig) -> str:
+    """Where a built-in model is cached, or what its first use will fetch and convert."""
+    from trainer.builtin_models import BUILTIN_REAL, cache_note, cache_root
+
+    spec = BUILTIN_REAL.get(cfg.model.name_or_path)
+    return f"  \n{cache_note(spec, cache_root(cfg.output.runs_dir))}" if spec else ""
 
 
 def preview_outputs(ctx: AppContext, values: dict[str, Any]) -> tuple[str, list, Any, str]:

@@ -41,6 +41,7 @@ def first_train_line(runs: Path, started: float, found: dict[str, float], done: 
 def train(config: Path, runs: Path) -> tuple[Path, dict[str, float]]:
     cfg = yaml.safe_load(config.read_text())
     cfg.setdefault("output", {})["runs_dir"] = str(runs)
+    runs.mkdir(parents=True, exist_ok=True)
     tmp_cfg = runs.parent / "config.yaml"
     tmp_cfg.write_text(yaml.safe_dump(cfg))
     found: dict[str, float] = {}

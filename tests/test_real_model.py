@@ -174,3 +174,12 @@ def test_evaluate_writes_base_and_adapter_scores(real_run: Path) -> None:
     result = json.loads((real_run / "eval_results.json").read_text())
     assert result["rows"] == 3 and set(result) >= {"base", "adapter"}
     assert result["base"]["loss"] > 0 and result["adapter"]["loss"] > 0
+
+
+def test_the_page_says_where_the_model_is_cached_or_what_first_use_will_do(real_model: Path, tmp_path: Path) -> None:
+    from trainer.builtin_models import cache_note
+
+    ready = cache_note(SMOLLM2, real_model.parent)
+    assert str(real_model) in ready and "MB" in ready
+    fresh = cache_note(SMOLLM2, tmp_path)
+    assert "not built yet" in fresh and "93 MB" in fresh and "prepare-model builtin:smollm2-135m" in fresh
