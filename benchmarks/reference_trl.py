@@ -3,12 +3,14 @@
     python benchmarks/reference_trl.py --model runs/.cache/tiny-model --data data/sentiment_train.jsonl \
         --max-length 64 --steps 30 --batch 8 --accum 2 --json /tmp/ref.json
     python benchmarks/reference_trl.py --model tiny ...            # builds the offline tiny model first
+    python benchmarks/reference_trl.py --model builtin:smollm2-135m ...   # the workbench's converted checkpoint
     python benchmarks/reference_trl.py --model DIR --4bit --optim paged_adamw_8bit --max-length 2048 ...
 
 What a competent user writes with TRL 1.16 + PEFT + bitsandbytes: load the model (BitsAndBytesConfig NF4 for
 QLoRA, prepared with PEFT's prepare_model_for_kbit_training), a LoraConfig, an SFTConfig, the dataset from the
-same JSON/JSONL file, trainer.train(). It imports nothing from trainer/ except make_tiny_model (for --model tiny),
-so it stays an independent reference.
+same JSON/JSONL file, trainer.train(). It imports nothing from trainer/ except what finds or builds the built-in
+models (--model tiny, --model builtin:...: the directory the workbench trains too), so it stays an independent
+reference.
 
 Loss masking: the workbench renders every row with the chat template and trains the assistant answer only
 (end-of-turn token included). Here every row becomes a conversational prompt/completion pair (completion = the
@@ -153,6 +155,22 @@ def summarize(t0: float, steps: list[tuple[float, int]], warmup: int) -> dict:
     }
 
 
+def resolve_model(name: str) -> str:
+    """A model directory for 'tiny' and the built-in ids, found (or built once) where the workbench keeps them:
+    $LORA_WORKBENCH_CACHE, else runs/.cache. Any other name is loaded as given."""
+    if name != "tiny" and not name.startswith("builtin:"):
+        return name
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from trainer.builtin_models import BUILTIN_REAL, cache_root, ensure_builtin  # only to find the checkpoint
+    from trainer.tiny_model import ensure_tiny_model
+
+    if name == "tiny":
+        return str(ensure_tiny_model(Path("runs/.cache")))
+    if name not in BUILTIN_REAL:
+        sys.exit(f"reference_trl: unknown built-in model {name!r} (built in: tiny, {', '.join(BUILTIN_REAL)})")
+    return str(ensure_builtin(BUILTIN_REAL[name], cache_root("runs")))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
@@ -160,11 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    if args.model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from trainer.tiny_model import ensure_tiny_model  # only to build the offline model
-
-        args.model = str(ensure_tiny_model(Path("runs/.cache")))
+    args.model = resolve_model(args.model)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Plain TRL SFTTrainer LoRA/QLoRA run with speed measurements.")
-    ap.add_argument("--model", required=True, help="model directory or hub id; 'tiny' builds the offline model")
+    ap.add_argument("--model", required=True, help="model dir or hub id; tiny, builtin:...: the workbench's")
     ap.add_argument("--data", default="data/sentiment_train.jsonl", help="JSON/JSONL file (messages/alpaca/...)")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)

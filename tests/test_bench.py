@@ -163,6 +163,61 @@ def test_case_selection_by_name_or_prefix() -> None:
     }
 
 
+REAL_NAMES = ["smollm2-lora-256", "smollm2-qlora-256", "smollm2-lora-1024", "smollm2-qlora-1024"]
+
+
+def test_real_model_cases_are_picked_by_name_from_either_matrix() -> None:
+    assert bench.resolve_cases("cpu", None, cuda=False)[0] == bench.matrix("cpu")  # the cpu matrix as before
+    assert not any(c.model == "smollm2" for c in bench.matrix("cpu") + bench.matrix("gpu"))
+    cases, pool = bench.resolve_cases("cpu", "smollm2", cuda=False)
+    assert [c.name for c in cases] == REAL_NAMES and len(pool) == 12 and cases == bench.matrix("real")
+    assert {c.max_length: (c.batch, c.accum, c.steps) for c in cases} == {256: (2, 1, 10), 1024: (1, 1, 10)}
+    picked = bench.resolve_cases("cpu", "tiny-lora-64, smollm2-qlora-1024", cuda=False)[0]
+    assert [c.name for c in picked] == ["tiny-lora-64", "smollm2-qlora-1024"]
+    gpu = bench.resolve_cases("gpu", "smollm2-lora", cuda=True)[0]
+    assert [(c.name, c.batch) for c in gpu] == [("smollm2-lora-256", 8), ("smollm2-lora-1024", 8)]
+    assert bench.resolve_cases("real", "tiny", cuda=False)[0] == []
+    assert bench.steps_note({"a": 60, "b": 60}) == "60 steps, the first 3 left out of step time and tokens/s"
+    assert bench.steps_note({"tiny-lora-64": 60, "smollm2-lora-256": 10}).startswith(
+        "10 steps: smollm2-lora-256; 60 steps: tiny-lora-64, the first 3"
+    )
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_real_cases_train_the_converted_checkpoint_in_every_variant(
+    quant: bool, real_model: Path, tmp_path: Path
+) -> None:
+    case = Case("smollm2", quant, 256, 2, 1, 10)
+    model_dir = bench.prepare_model(case, tmp_path / "cache", {})  # $LORA_WORKBENCH_CACHE (conftest) wins
+    assert model_dir == real_model and not (tmp_path / "cache").exists()
+    defaults = bench.workbench_config(case, model_dir, tmp_path / "d.jsonl", 10, tmp_path / "runs")
+    matched, knobs, _ = bench.plain_trl(defaults, cuda_bf16=False)
+    for cfg in (build_config(defaults), build_config(matched)):
+        assert cfg.model.name_or_path == str(real_model) and cfg.model.module_groups  # the smollm2 preset
+        assert cfg.adapter.target_modules == bench.TARGETS and cfg.quantization.mode == ("4bit" if quant else "none")
+    argv = bench.reference_argv(case, model_dir, tmp_path / "d.jsonl", 10, knobs, tmp_path)
+    assert argv[argv.index("--model") + 1] == str(real_model)
+    ref = load_reference()
+    assert ref.resolve_model("builtin:smollm2-135m") == str(real_model) and ref.resolve_model("x/y") == "x/y"
+
+
+def test_real_text_rows_reach_max_length_without_truncation(real_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from trainer.tokenization import chat_template_of, tokenize_example
+
+    path = bench.text_data(real_model, 256, 64, tmp_path / "rows.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    template = chat_template_of(tokenizer, None)
+    lengths = [len(tokenize_example(tokenizer, row, template).input_ids) for row in rows]
+    assert len(rows) == 64 and all(128 <= n <= 256 for n in lengths) and max(lengths) >= 240
+    text = " ".join(m["content"] for row in rows for m in row["messages"])
+    assert "the" in text.split() and "system You are" not in text  # English, without the rows' role fields
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
+    assert bench.text_data(real_model, 256, 64, path) == path  # cached
+
+
 @pytest.mark.parametrize("quant", [False, True])
 def test_matched_config_has_the_references_settings(quant: bool, tiny_model: Path, tmp_path: Path) -> None:
     case = Case("tiny", quant, 64, 8, 2)

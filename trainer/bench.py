@@ -3,11 +3,20 @@
     lora-workbench bench                          # the matrix of this machine (gpu if CUDA, else cpu)
     lora-workbench bench --matrix cpu --repeat 3  # tiny + small model, LoRA + QLoRA, max_length 64 and 256
     lora-workbench bench --matrix gpu             # Qwen2.5 / Llama-3.1 shapes with random weights, 512 and 2048
+    lora-workbench bench --only smollm2           # the real model: SmolLM2-135M, LoRA + QLoRA, 256 and 1024
+    lora-workbench bench --only smollm2-lora-256 --steps 3 --variants ab --out -   # its quickest smoke run
     lora-workbench bench --only tiny-lora-64 --steps 3 --out -   # one case, table printed only
     lora-workbench bench --matrix cpu --threads 1 --repeat 3     # a CPU shared with other work (see RESULTS.md)
 
 The GPU matrix (10 cases x 4 runs of 10 steps; 0.5B to 8B models written once into runs/.cache/bench-models,
 ~35 GB) is sized for ~20 minutes on one H100; it has not yet been run on one.
+
+The real cases (smollm2-{lora,qlora}-{256,1024}, `matrix("real")`) train the built-in SmolLM2-135M-Instruct
+(builtin:smollm2-135m, resolved to its converted checkpoint in $LORA_WORKBENCH_CACHE or --cache-dir; both (a)
+and the workbench load that directory) on real English (text_data: the bundled data's sentences, cut so that
+every row fits max_length with the model's chat template). They run 10 steps by default, are picked by name with
+--only from either matrix, and are not in the cpu matrix: at 2 CPU threads one of their steps takes tens of
+seconds (~15 real tokens/s), not the tiny cases' tens of milliseconds, so the four take hours there.
 
 Every case runs one process per variant: (a) benchmarks/reference_trl.py, plain TRL; (b) `lora-workbench train`
 on a config pinned to the reference's settings (precision, no packing, checkpointing, optimizer, schedule, and
@@ -57,6 +66,7 @@ from trainer.bench_report import (
     report,
     summarize,
 )
+from trainer.builtin_models import CACHE_ENV, SMOLLM2, BuiltinModel, ensure_builtin
 from trainer.paths import PROJECT_ROOT
 
 REFERENCE = PROJECT_ROOT / "benchmarks" / "reference_trl.py"
@@ -64,7 +74,9 @@ BUNDLED_DATA = PROJECT_ROOT / "data" / "sentiment_train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 LEARNING_RATE, SEED, WARMUP = 2e-4, 42, 3
-STEPS = {"cpu": 60, "gpu": 10}
+STEPS = {"cpu": 60, "gpu": 10, "real": 10}
+ROLES = {"system", "user", "assistant", "human", "gpt"}
+REAL_MODELS: dict[str, BuiltinModel] = {"smollm2": SMOLLM2}  # case.model -> built-in model; its preset's name
 # The workbench's speed options at what plain TRL does by default; (b) pins those this version has.
 PLAIN_TRL: dict[str, Any] = {
     "padding_free": False,
@@ -88,13 +100,23 @@ class Case:
     max_length: int
     batch: int
     accum: int
+    steps: int | None = None  # this case's default step count, else the matrix's
 
     @property
     def name(self) -> str:
         return f"{self.model}-{'qlora' if self.quant else 'lora'}-{self.max_length}"
 
 
-def matrix(kind: str) -> list[Case]:
+def real_cases(cuda: bool) -> list[Case]:
+    """The built-in SmolLM2-135M, LoRA and QLoRA at 256 and 1024 tokens. On a CPU 2 rows of 256 or 1 of 1024 (~380
+    and ~760 real tokens a step: rows average 3/4 of max_length), already tens of seconds a step on 2 threads."""
+    batch = {256: 8, 1024: 8} if cuda else {256: 2, 1024: 1}
+    return [Case("smollm2", q, n, batch[n], 1, STEPS["real"]) for n in (256, 1024) for q in (False, True)]
+
+
+def matrix(kind: str, cuda: bool = False) -> list[Case]:
+    if kind == "real":
+        return real_cases(cuda)
     if kind == "cpu":
         return [Case(m, q, n, 8, 2) for m in ("tiny", "small") for n in (64, 256) for q in (False, True)]
     big = [("qwen2.5-1.5b", False, 2048), ("qwen2.5-1.5b", True, 512), ("qwen2.5-7b", False, 512)]
@@ -111,6 +133,14 @@ def select(cases: list[Case], only: str | None) -> list[Case]:
     return [c for c in cases if any(c.name == w or c.name.startswith(w + "-") for w in wanted)]
 
 
+def resolve_cases(kind: str, only: str | None, cuda: bool) -> tuple[list[Case], list[Case]]:
+    """(the cases to run, the ones --only can name): --only also reaches the real cases from the cpu/gpu matrix."""
+    pool = matrix(kind, cuda)
+    if only and kind != "real":
+        pool += real_cases(cuda)
+    return select(pool, only), pool
+
+
 # ----------------------------------------------------------------------------------------------- models, data
 
 
@@ -118,6 +148,8 @@ def prepare_model(case: Case, cache: Path, env: dict[str, str]) -> Path | None:
     """The model directory of a case, built once into the cache; None when its config.json is not in presets/."""
     from trainer.tiny_model import ensure_tiny_model
 
+    if case.model in REAL_MODELS:  # $LORA_WORKBENCH_CACHE as train reads it, else runs/.cache: train's default
+        return ensure_builtin(REAL_MODELS[case.model], Path(os.environ.get(CACHE_ENV) or cache))
     tiny = ensure_tiny_model(cache)
     if case.model == "tiny":
         return tiny
@@ -206,6 +238,48 @@ def synthetic_data(model_dir: Path, max_length: int, rows: int, out: Path) -> Pa
     return out
 
 
+def text_data(model_dir: Path, max_length: int, rows: int, out: Path) -> Path:
+    """messages rows of real English for a real model: a run of the bundled data's lines from a random start (a
+    quarter prompt, the rest answer), cut so that the row as the workbench tokenizes it (chat template and its
+    default system prompt included) is max_length/2 .. max_length tokens. No row is truncated, so (a) and (b)
+    train the same tokens; the padded batches are about max_length wide; the loss is a real model's on text."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from trainer.tiny_model import corpus_lines
+    from trainer.tokenization import chat_template_of, tokenize_example
+
+    if out.exists():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = chat_template_of(tokenizer, None)
+    text = " ".join(x for x in corpus_lines() if x not in ROLES)  # the rows' text, not their role fields
+    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream += stream[:max_length]  # a run may wrap around the end
+
+    def row(prompt: list[int], answer: list[int]) -> tuple[dict, int]:
+        texts = [tokenizer.decode(ids).strip() for ids in (prompt, answer)]
+        messages = [{"role": r, "content": t} for r, t in zip(("user", "assistant"), texts, strict=True)]
+        return {"messages": messages}, len(tokenize_example(tokenizer, {"messages": messages}, template).input_ids)
+
+    rng = random.Random(SEED)
+    lines = []
+    for _ in range(rows):
+        n = rng.randint(max_length // 2, max_length)
+        start = rng.randrange(len(stream) - max_length)
+        prompt, answer = stream[start : start + n // 4], stream[start + n // 4 : start + n]
+        example, length = row(prompt, answer)
+        while length > n:  # the template's tokens, and re-tokenizing at the cuts, take the excess
+            answer = answer[: n - length]
+            example, length = row(prompt, answer)
+        lines.append(json.dumps(example))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def model_flops(model_dir: Path, cfg: Any) -> float:
     """FLOPs per real token of this model, adapter and data (formula in the module docstring)."""
     import torch
@@ -234,8 +308,10 @@ def model_flops(model_dir: Path, cfg: Any) -> float:
 
 def workbench_config(case: Case, model_dir: Path, data: Path, steps: int, runs_dir: Path) -> dict[str, Any]:
     """(c): the recipe's and the workbench's defaults; only the run's identity and measurement are set."""
+    preset = {"model_preset": case.model} if case.model in REAL_MODELS else {}  # as a user of the model picks it
     return {
         "recipe": "qlora" if case.quant else "lora",
+        **preset,
         "model": {"name_or_path": str(model_dir)},
         "adapter": {**ADAPTER, "target_modules": TARGETS},
         "data": {"source": str(data), "max_length": case.max_length},
@@ -438,9 +514,10 @@ class Bench:
         if model_dir is None:
             print(f"bench: {case.name}: skipped, no presets/configs/{case.model}/config.json", flush=True)
             return None
-        data = BUNDLED_DATA
-        if case.model not in ("tiny", "small"):
-            rows = max(64, 3 * self.steps * case.batch * case.accum)
+        data, rows = BUNDLED_DATA, max(64, 3 * self.steps * case.batch * case.accum)
+        if case.model in REAL_MODELS:
+            data = text_data(model_dir, case.max_length, rows, self.cache / "bench-data" / f"{case.name}-{rows}.jsonl")
+        elif case.model not in ("tiny", "small"):
             data = synthetic_data(model_dir, case.max_length, rows, self.cache / "bench-data" / f"{case.name}.jsonl")
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         defaults = workbench_config(case, model_dir, data, self.steps, self.work)
@@ -480,26 +557,37 @@ class Bench:
         return workbench_measure(out / "runs", code, log, WARMUP, clock)
 
 
+def steps_note(steps: dict[str, int]) -> str:
+    """'60 steps, the first 3 left out ...', with the cases of each count when they differ."""
+    counts = sorted(set(steps.values()))
+    runs = (
+        f"{counts[0]} steps"
+        if len(counts) == 1
+        else "; ".join(f"{n} steps: {', '.join(c for c, s in steps.items() if s == n)}" for n in counts)
+    )
+    return f"{runs}, the first {min(WARMUP, counts[0] - 1)} left out of step time and tokens/s"
+
+
 def bench_command(args: argparse.Namespace) -> int:
     import torch
 
-    kind = args.matrix or ("gpu" if torch.cuda.is_available() else "cpu")
-    steps = args.steps or STEPS[kind]
-    cases = select(matrix(kind), args.only)
+    cuda = torch.cuda.is_available()
+    kind = args.matrix or ("gpu" if cuda else "cpu")
+    cases, pool = resolve_cases(kind, args.only, cuda)
     if not cases:
-        print(f"bench: no case matches --only {args.only!r}; cases: {', '.join(c.name for c in matrix(kind))}")
+        print(f"bench: no case matches --only {args.only!r}; cases: {', '.join(c.name for c in pool)}")
         return 2
+    steps = {c.name: args.steps or c.steps or STEPS[kind] for c in cases}
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
     work = Path(args.work_dir or Path("runs/.bench") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     env_lines = machine(args.threads)
-    bench = Bench(work, Path(args.cache_dir).resolve(), steps, args.threads, args.repeat, args.variants)
-    warm = min(WARMUP, steps - 1)
-    results, notes = [], [f"{steps} steps, the first {warm} left out of step time and tokens/s; runs in {work}"]
+    cache = Path(args.cache_dir).resolve()
+    results, notes = [], [steps_note(steps) + f"; runs in {work}"]
     if args.repeat > 1:
         notes.append(f"median of {args.repeat} interleaved repeats (a, b, c, a, b, c, ...)")
     t_start = time.monotonic()
     for case in cases:
-        got = bench.case(case)
+        got = Bench(work, cache, steps[case.name], args.threads, args.repeat, args.variants).case(case)
         if got is not None:
             runs, flops, unknown = got
             results.append((case.name, runs, flops))

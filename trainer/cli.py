@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--status-dir", help="also write status.json, result.json and export_report.json there")
 
     bench = sub.add_parser("bench", help="speed and memory of the workbench against plain TRL on the same runs")
-    bench.add_argument("--matrix", choices=["cpu", "gpu"], help="cases to run (default: gpu if CUDA is present)")
+    bench.add_argument(
+        "--matrix",
+        choices=["cpu", "gpu", "real"],
+        help="cases to run (default: gpu if CUDA is present; real: SmolLM2)",
+    )
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: cpu 60, gpu 10)")
     bench.add_argument("--out", default="benchmarks/RESULTS.md", help="markdown file to append to; '-' prints only")
     bench.add_argument("--only", help="comma-separated case names or prefixes, e.g. tiny-lora-64 or small")
