@@ -37,13 +37,11 @@ MergeInto = Literal["16bit", "dequantized"]
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SHORT = {v: k for k, v in TORCH_DTYPES.items()} | {"int8": "int8"}
 # Allowed max |logit diff| as a fraction of max |reference logit|, keyed by the coarsest precision in the comparison
-# (the saved dtype, or the reference's compute dtype when that is coarser). Measured on the tiny model (2 layers,
-# max |logit| ~10-15, 4 prompts, CPU) over lora / dora / qlora / rslora / pissa / adalora / 8-bit, both merges:
-#   fp32 <= 4.5e-7   fp16 <= 1.7e-3   bf16 <= 1.0e-2 (2.2e-2 for rslora on other prompts)
-#   int8 (8-bit run, dequantized merge: LLM.int8 also rounds activations) <= 1.0e-2 in every dtype.
-# Deeper models accumulate more rounding, hence margins of 5-200x. A merge that drops the adapter moves the logits
-# by 1.1-1.4x max |logit| on these runs, far above every factor.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2, "int8": 1e-1}
+# (the saved dtype, or the reference's compute dtype when that is coarser). benchmarks/export_fidelity.py on
+# builtin:smollm2-135m (CPU; lora/dora/qlora, both merges): float noise fp32 <= 4.9e-6, fp16 <= 5.2e-3, bf16 <= 4.4e-2;
+# a broken merge (adapter x2 or dropped) >= 1.7e-1; margins noise/broken: fp32 20x/1700x, fp16 6x/6x, bf16 2.3x/1.7x.
+# int8 (8-bit run, dequantized merge; LLM.int8 also rounds activations): <= 1e-2 on the tiny model, not re-measured.
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 1e-1, "int8": 1e-1}
 # Teacher-forced prompts (user, assistant) for the fidelity check; the tiny model's BPE was trained on text like this.
 PROMPTS = [
     ("Review: The camera was awful.\nSentiment:", " negative"),
