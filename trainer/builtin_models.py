@@ -191,7 +191,9 @@ def convert(spec: BuiltinModel, gguf: Path, target: Path, log: Log) -> Path:
     log(f"{spec.model_id}: converting {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) to safetensors")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.pad_token = spec.pad_token
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(  # GGUF holds no pickles; use_safetensors keeps any fallback off
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_safetensors=True
+    )
     model.hf_quantizer = None  # a plain checkpoint now: no GGUF quantizer, no quantization_config
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
