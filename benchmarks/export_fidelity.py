@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +33,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.chat_export import machine_lines  # noqa: E402  the same machine and library lines
+
 METHODS = ("lora", "dora", "qlora")
 DTYPES = ("fp32", "fp16", "bf16")
-
-
-def machine_lines(threads: int) -> list[str]:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return [
-        f"{datetime.now().isoformat(timespec='minutes')} on {platform.node()}: {cpu}, {os.cpu_count()} cores "
-        f"({threads} torch threads), GPU: {gpu}",
-        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"bitsandbytes {bitsandbytes.__version__}, Python {platform.python_version()}",
-    ]
 
 
 def train_adapter(method: str, args: argparse.Namespace, runs: Path) -> Path:

@@ -289,6 +289,16 @@ def pick_option(page, dropdown: str, text: str) -> None:
     page.get_by_role("option", name=text).first.click()
 
 
+def load_in_chat(page, run_id: str) -> None:
+    """Chat tab: tick the run's adapter and load it (compare mode then shows base | adapter)."""
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    page.click("#chat-refresh")
+    pick_option(page, "#chat-adapters", run_id)
+    page.keyboard.press("Escape")
+    page.click("#chat-load")
+    page.wait_for_function(f"() => document.querySelector('#chat-status')?.innerText.includes('{run_id} (lora)')")
+
+
 def test_train_then_chat_in_compare_mode_then_export(page, tmp_path: Path) -> None:
     server = Server(tmp_path / "runs", tmp_path / "server.log")  # its own server: a fresh queue and chat model
     server.start()
@@ -304,12 +314,7 @@ def train_chat_export(page, server: Server) -> None:
     run_id = start_from_page(page, training__max_steps=80, training__logging_steps=10)
     wait_until(lambda: run_state(page, run_id)[0] == "completed", 180, "the run to complete")
 
-    page.get_by_role("tab", name="Chat", exact=True).click()
-    page.click("#chat-refresh")
-    pick_option(page, "#chat-adapters", run_id)
-    page.keyboard.press("Escape")
-    page.click("#chat-load")
-    page.wait_for_function(f"() => document.querySelector('#chat-status')?.innerText.includes('{run_id} (lora)')")
+    load_in_chat(page, run_id)
     assert page.locator("#chat-right-target input").input_value() == run_id
     for pane in ("#chat-left", "#chat-right"):
         page.evaluate(GROWTH_JS, pane)

