@@ -3,6 +3,7 @@ its own progress, log and fidelity numbers), or download the adapter alone."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from trainer.chat_sources import adapter_choices, adapter_name, resolve_base, re
 from trainer.config import ConfigError
 from trainer.export import ExportError, ExportRequest
 from trainer.runs_index import zip_adapter
-from trainer.side_jobs import default_export_dir, export_args, export_result_md, job_log, progress_md
+from trainer.side_jobs import default_export_dir, export_args, export_result_md, exports_root, job_log, progress_md
 
 MERGE_HELP = (
     "16bit (default): the base is reloaded unquantized in the chosen dtype and ΔW = B·A·α/r is added to it, the "
@@ -46,10 +47,12 @@ def submit_export(
         adapter = resolve_user_dir(typed, _roots(ctx)) if typed.strip() else (Path(picked) if picked else None)
         if adapter is None:
             return "Pick a run or type an adapter directory first.", None
-        out_dir = resolve_user_dir(out, _roots(ctx), "output dir") if out.strip() else None
+        # realpath: symlinks followed, so the exports-root rule (checked in validate_request) holds for the target
+        out_dir = Path(os.path.realpath(Path(out.strip()).expanduser())) if out.strip() else None
         req = ExportRequest(
             adapter=adapter,
             out=out_dir or default_export_dir(ctx.runs_dir, adapter),
+            out_root=exports_root(ctx.runs_dir),
             base=resolve_base(base, _roots(ctx)),
             dtype=dtype,
             max_shard_size=shard.strip() or "2GB",
@@ -90,14 +93,21 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             label="Base override", placeholder="blank: the base it was trained on", elem_id="export-base"
         )
         out = gr.Textbox(
-            label="Output dir", placeholder="blank: <runs>/exports/<run>-merged", elem_id="export-out", scale=2
+            label="Output dir (inside <runs>/exports)",
+            placeholder="blank: <runs>/exports/<run>-merged",
+            elem_id="export-out",
+            scale=2,
         )
     with gr.Row():
         dtype = gr.Radio(["bf16", "fp16", "fp32"], value="bf16", label="dtype", elem_id="export-dtype")
         shard = gr.Textbox("2GB", label="Max shard size", elem_id="export-shard")
         merge_into = gr.Radio(["16bit", "dequantized"], value="16bit", label="Merge into", info=MERGE_HELP)
     with gr.Row():
-        overwrite = gr.Checkbox(False, label="Replace the output dir if it is not empty", elem_id="export-overwrite")
+        overwrite = gr.Checkbox(
+            False,
+            label="Replace an earlier export in the output dir (only one this page or the CLI exported)",
+            elem_id="export-overwrite",
+        )
         push = gr.Textbox(label="Push to hub repo (optional, needs HF_TOKEN)", elem_id="export-push")
     with gr.Row():
         export = gr.Button("Export", variant="primary", elem_id="export-btn")

@@ -103,17 +103,15 @@ def test_small_shard_size_writes_several_shards_and_an_index(trained_adapter, tm
     assert report["size_bytes"] == sum((out / s).stat().st_size for s in report["shards"])
 
 
-def test_an_existing_out_dir_is_kept_unless_overwrite(trained_adapter, tmp_path: Path) -> None:
+def test_an_existing_out_dir_that_is_no_export_is_kept_even_with_overwrite(trained_adapter, tmp_path: Path) -> None:
     out = tmp_path / "merged"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
 
-    with pytest.raises(ExportError, match="not empty.*--overwrite"):
-        export(trained_adapter("lora"), out)
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
-
-    report = export(trained_adapter("lora"), out, overwrite=True)
-    assert report["fidelity"]["passed"] and (out / "config.json").is_file() and not (out / "notes.txt").exists()
+    for overwrite in (False, True):  # replacing an earlier export: tests/test_export_replace.py
+        with pytest.raises(ExportError, match="is not empty and it is not an export this workbench wrote"):
+            export(trained_adapter("lora"), out, overwrite=overwrite)
+        assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     assert not leftovers(out)
 
 

@@ -9,8 +9,10 @@ logits with the reference) -> rename into place -> 5 push (only with --push-to-h
 
 Every problem with the request is reported before a model loads. A failed export leaves --out as it was: the temp
 dir is deleted, also when the fidelity check fails (its numbers are printed, and kept in <status-dir>/
-export_report.json). --merge-into dequantized is refused for an adapter trained on an unquantized base: there is
-nothing to dequantize, and silently doing a 16-bit merge instead would hide a wrong expectation.
+export_report.json). --overwrite replaces only an earlier export (trainer/export_target.py: its marker file), and
+only once the new one has passed its check. --merge-into dequantized is refused for an adapter trained on an
+unquantized base: there is nothing to dequantize, and silently doing a 16-bit merge instead would hide a wrong
+expectation.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 from trainer.adapter_source import AdapterError, AdapterSource, check_fits_base, read_adapter
 from trainer.config import ConfigError
+from trainer.export_target import outside_root, replace_problem, write_marker
 from trainer.job_status import JobStatus
 from trainer.run_dir import write_json_atomic
 
@@ -70,6 +73,7 @@ class ExportRequest:
     overwrite: bool = False
     push_to_hub: str | None = None
     status_dir: Path | None = None
+    out_root: Path | None = None  # the page's <runs_dir>/exports: out must lie inside it; None from the CLI
 
 
 def parse_shard_size(text: str) -> int:
@@ -82,8 +86,11 @@ def parse_shard_size(text: str) -> int:
     return size
 
 
-def out_dir_problems(out: Path, source: AdapterSource, overwrite: bool) -> list[str]:
-    """--out must not hold or sit in the adapter or the base, and an existing non-empty one needs --overwrite."""
+def out_dir_problems(out: Path, source: AdapterSource, overwrite: bool, root: Path | None = None) -> list[str]:
+    """--out must not hold or sit in the adapter or the base (or lie outside root), and an existing non-empty one
+    must be an earlier export, replaced only with --overwrite."""
+    if root is not None and (problem := outside_root(out, root)):
+        return [problem]
     protected = {"adapter": source.path}
     if Path(source.base).expanduser().exists():
         protected["base model"] = Path(source.base).expanduser().resolve()
@@ -92,12 +99,12 @@ def out_dir_problems(out: Path, source: AdapterSource, overwrite: bool) -> list[
             return [f"--out {out}: is the {what} directory {path} or inside it; choose a directory outside it"]
         if out in path.parents:
             return [f"--out {out}: contains the {what} ({path}); choose a directory that does not"]
-    if out.exists() and not out.is_dir():
-        return [f"--out {out}: is a file; choose a directory"]
+    if problem := replace_problem(out):
+        return [problem]
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         return [
-            f"--out {out}: exists and is not empty; nothing was changed. Choose another directory, "
-            "or pass --overwrite to replace it once the new export has passed its checks"
+            f"--out {out}: is an earlier export and not empty; nothing was changed. Choose another directory, "
+            "or pass --overwrite (the page: tick Replace) to replace it once the new export has passed its checks"
         ]
     return []
 
@@ -153,7 +160,7 @@ def validate_request(req: ExportRequest) -> AdapterSource:
         parse_shard_size(req.max_shard_size)
     except ValueError:
         problems.append(f"--max-shard-size: {req.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
-    problems += out_dir_problems(req.out.expanduser().resolve(), source, req.overwrite)
+    problems += out_dir_problems(req.out.expanduser().resolve(), source, req.overwrite, req.out_root)
     if req.push_to_hub and not problems:  # the hub round trip only for an otherwise valid request
         problems += push_problems(req.push_to_hub)
     if problems:
@@ -314,7 +321,9 @@ def fidelity_check(model_dir: Path, inputs: list[Any], reference: list[Any], tol
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename tmp to out; an existing out is moved aside first and deleted only once the new one is in place."""
+    """Rename the checked tmp to out; an earlier export is moved aside, and deleted once the new one is in place."""
+    if problem := replace_problem(out):  # again: out may have been filled (or swapped) while the model was merged
+        raise ExportError(f"{problem} (found when the new export was ready; it was not kept)")
     old = None
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:  # something appeared there while we worked: never replace it unasked
@@ -323,7 +332,12 @@ def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         out.rename(old)
     elif out.is_dir():
         out.rmdir()
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)  # the earlier export goes back where it was
+        raise
     if old is not None:
         shutil.rmtree(old)
 
@@ -423,6 +437,7 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
 
         (tmp / "README.md").write_text(merged_card(source, report), encoding="utf-8")
         write_json_atomic(tmp / "export_report.json", report)
+        write_marker(tmp, source.path, source.base, report["created"])
         move_into_place(tmp, out, req.overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename

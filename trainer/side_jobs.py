@@ -27,10 +27,15 @@ def export_args(req: ExportRequest) -> list[str]:
     return args
 
 
+def exports_root(runs_dir: Path) -> Path:
+    """The only directory the page exports into (the CLI may write anywhere)."""
+    return runs_dir / "exports"
+
+
 def default_export_dir(runs_dir: Path, adapter_dir: str | Path) -> Path:
     from trainer.chat_sources import adapter_name
 
-    return runs_dir / "exports" / f"{adapter_name(adapter_dir)}-merged"
+    return exports_root(runs_dir) / f"{adapter_name(adapter_dir)}-merged"
 
 
 def progress_md(job: Job) -> str:
