@@ -41,6 +41,14 @@ def med_p95(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), statistics.quantiles(values, n=20)[18]
 
 
+def print_and_append(text: str, path: Path | str | None) -> None:
+    """Print a markdown section and, when a file is named, append it there."""
+    print(text)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
 def machine_lines(threads: int) -> list[str]:
     import bitsandbytes
     import peft
@@ -273,10 +281,7 @@ def main() -> None:
         ]
     )
     print(f"(training and export logs: {log})\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    print_and_append(text, args.write)
 
 
 if __name__ == "__main__":

@@ -163,40 +163,41 @@ class TrainingSection(Section):
         description="Pack short rows into max_length blocks: no pad tokens, fewer steps per epoch. TRL's 'bfd' "
         "strategy never cuts or mixes rows, and attention stays inside each row (flash attention: varlen kernels; "
         "sdpa/eager: a block mask from position_ids). auto: on with flash_attention_2/3, off with sdpa/eager, "
-        "where a batch becomes one long row whose attention grows with (batch x length)^2: measured 14-31% fewer "
-        "real tokens/s (CPU). Never with AdaLoRA.",
+        "where a batch becomes one long row whose attention grows with (batch x length)^2: 0.66x the real tokens/s "
+        "of the defaults on the default run (benchmarks/speed_options.py, 2-core CPU). Never with AdaLoRA.",
     )
     padding_free: bool = Field(
         False,
         description="Flatten each batch into one row without pad tokens (TRL padding-free); same rows and steps, "
-        "rows kept apart as with packing (which implies it). Pays off with flash_attention_2/3; with sdpa/eager "
-        "measured 2-23% fewer real tokens/s (CPU), so off by default.",
+        "rows kept apart as with packing (which implies it). Pays off with flash_attention_2/3; with sdpa/eager the "
+        "attention of the flattened row grows with (batch x length)^2, so it is opt-in. On the default run's short "
+        "rows it gave 1.18x the real tokens/s, same loss (benchmarks/speed_options.py, 2-core CPU).",
     )
     gradient_checkpointing: Literal["auto", True, False] = Field(
         "auto",
-        description="Recompute activations in the backward pass: less memory, slower steps. Measured (LoRA on an "
-        "8-layer Llama, 4x512 tokens): activations kept for backward 1.05 GB -> ~0.2 GB, steps ~25% slower. 'auto' "
+        description="Recompute activations in the backward pass: less memory, slower steps. On the default run: peak "
+        "memory 2.91 -> 1.77 GB, 0.80x the real tokens/s (benchmarks/speed_options.py, 2-core CPU). 'auto' "
         "(default) turns it off when the memory estimate says the run fits the GPU with 15% to spare without it "
         "(and on a CPU), on otherwise; plain TRL always turns it on.",
     )
     group_by_length: bool = Field(
         False,
-        description="Batch rows of similar length together (less padding). Measured +29% real tokens/s on rows of "
-        "33-69 tokens, none on the bundled data, and less varied batches raised held-out loss (0.11 -> 0.16, "
-        "4 seeds); so off by default. Of little use with packing.",
+        description="Batch rows of similar length together (less padding): 1.27x the real tokens/s on the default run "
+        "(benchmarks/speed_options.py, 2-core CPU), but batches are less varied, which can cost held-out "
+        "quality; so off by default. Of little use with packing.",
     )
     dataloader_num_workers: int = Field(
         0,
         ge=0,
         le=64,
         description="Processes that collate batches in the background; 0 collates in the training process. Rows "
-        "are tokenized before training, so collating is cheap: 2 workers measured 3-13% slower (CPU).",
+        "are tokenized before training, so collating is cheap: 2 workers gave 1.09x the real tokens/s on the "
+        "default run (benchmarks/speed_options.py, 2-core CPU, one repeat: within noise).",
     )
     torch_compile: bool = Field(
         False,
-        description="Compile the model with torch.compile. Opt-in: the compile takes seconds to minutes up front "
-        "(60 tiny-model steps on the CPU took 4.5x longer, and later steps were no faster); may pay off in long "
-        "GPU runs.",
+        description="Compile the model with torch.compile. Opt-in: the compile takes seconds to minutes up front, "
+        "which only long GPU runs win back.",
     )
     use_liger_kernel: bool = Field(
         False,
