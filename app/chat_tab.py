@@ -4,7 +4,6 @@ prompt side by side (the base with adapters off, and an adapter, or two adapters
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -36,10 +35,6 @@ def plain(history: list[dict[str, Any]] | None) -> Chat:
     return out
 
 
-def _roots(ctx: AppContext) -> list[Path]:
-    return [ctx.runs_dir, Path.cwd()]
-
-
 def _targets(ctx: AppContext) -> list[str]:
     return [BASE, *ctx.chat.adapter_names]
 
@@ -55,9 +50,9 @@ def load_models(
     if warning and not confirmed:
         return f"⚠️ {warning}", True
     try:
-        dirs = [*picked, *([str(resolve_user_dir(typed, _roots(ctx)))] if typed.strip() else [])]
+        dirs = [*picked, *([str(resolve_user_dir(typed, ctx.roots))] if typed.strip() else [])]
         adapters = {adapter_name(d): d for d in dirs}
-        ctx.chat.load(adapters, resolve_base(base, _roots(ctx)), quant)
+        ctx.chat.load(adapters, resolve_base(base, ctx.roots), quant)
     except (AdapterError, ConfigError) as e:
         return f"**Not loaded.** {e}", False
     return ctx.chat.describe(), False

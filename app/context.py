@@ -8,6 +8,7 @@ from pathlib import Path
 from trainer.inference import ChatEngine
 from trainer.jobs import JobManager
 from trainer.monitor import Watchers
+from trainer.paths import page_roots
 from trainer.registry import Job
 from trainer.runs_index import SummaryCache
 
@@ -22,6 +23,12 @@ class AppContext:
     watchers: Watchers = field(default_factory=Watchers)
     summaries: SummaryCache = field(default_factory=SummaryCache)
     chat: ChatEngine = field(default_factory=ChatEngine)  # one chat model for every page
+    data_dirs: list[Path] = field(default_factory=list)  # `lora-workbench ui --data-dir`: more dirs the page reads
+
+    @property
+    def roots(self) -> list[Path]:
+        """Where paths typed into the page (data, adapters, bases, outputs) must lie: the one definition."""
+        return page_roots(self.runs_dir, self.data_dirs)
 
     def run_path(self, run_id: str) -> Path | None:
         """The directory of a registered run, or None (never a path built from page input)."""

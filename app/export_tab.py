@@ -25,10 +25,6 @@ MERGE_HELP = (
 )
 
 
-def _roots(ctx: AppContext) -> list[Path]:
-    return [ctx.runs_dir, Path.cwd()]
-
-
 # --- handlers --------------------------------------------------------------------------------------------------
 def submit_export(
     ctx: AppContext,
@@ -44,7 +40,7 @@ def submit_export(
 ) -> tuple[str, str | None]:
     """(message, export job id or None): everything is checked before the job is queued."""
     try:
-        adapter = resolve_user_dir(typed, _roots(ctx)) if typed.strip() else (Path(picked) if picked else None)
+        adapter = resolve_user_dir(typed, ctx.roots) if typed.strip() else (Path(picked) if picked else None)
         if adapter is None:
             return "Pick a run or type an adapter directory first.", None
         # realpath: symlinks followed, so the exports-root rule (checked in validate_request) holds for the target
@@ -53,7 +49,7 @@ def submit_export(
             adapter=adapter,
             out=out_dir or default_export_dir(ctx.runs_dir, adapter),
             out_root=exports_root(ctx.runs_dir),
-            base=resolve_base(base, _roots(ctx)),
+            base=resolve_base(base, ctx.roots),
             dtype=dtype,
             max_shard_size=shard.strip() or "2GB",
             merge_into=merge_into,

@@ -136,14 +136,18 @@ def serve(
     insecure_no_auth: bool = False,
     max_running: int = 1,
     example: str | None = DEFAULT_EXAMPLE,
+    data_dirs: list[str] | None = None,
 ) -> None:
     check_exposure(host, auth, insecure_no_auth)
     check_example(example)
+    missing = [d for d in data_dirs or [] if not Path(d).is_dir()]
+    if missing:
+        raise LaunchError(f"--data-dir {missing[0]}: no such directory")
     root = Path(runs_dir).resolve()
     manager = JobManager(root, max_running=max_running)
     manager.adopt_runs_on_disk()
     manager.start()
-    ctx = AppContext(runs_dir=root, manager=manager, example=example)
+    ctx = AppContext(runs_dir=root, manager=manager, example=example, data_dirs=[Path(d) for d in data_dirs or []])
     prepare_default_model(ctx)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)

@@ -14,9 +14,10 @@ from app.context import AppContext
 from app.widgets import make_widget
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
-from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, preview_data
+from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
 from trainer.form import FIELDS, GROUPS, apply_preset, cli_command, config_from_form, default_values
 from trainer.jobs import log_tail
+from trainer.model_configs import RemoteCodeRefused
 from trainer.monitor import explain_failure, progress
 from trainer.presets import list_presets, load_preset
 from trainer.uploads import dataset_choices, store_upload
@@ -56,6 +57,8 @@ def estimate_md(ctx: AppContext, values: dict[str, Any]) -> str:
         est = estimate_cached(cfg)
     except ConfigError as e:
         return _problems_md("Fix before starting:", e.problems)
+    except RemoteCodeRefused as e:
+        return f"**No live estimate.** {e}; `lora-workbench estimate CONFIG.yaml` computes it in its own process."
     a, t = cfg.adapter, cfg.training
     scale = (
         f"alpha/sqrt(r) = {a.lora_alpha / a.r**0.5:.3g}"
@@ -89,7 +92,7 @@ def preview_outputs(ctx: AppContext, values: dict[str, Any]) -> tuple[str, list,
         cfg = config_from_form(values, str(ctx.runs_dir))
     except ConfigError as e:
         return _problems_md("Fix the config first:", e.problems), [], None, ""
-    p: DataPreview = preview_data(cfg)
+    p: DataPreview = preview_data(cfg, roots=ctx.roots)
     highlighted: list[tuple[str, str | None]] = []
     for row in p.rows:
         highlighted.append((f"\n── {row.where} · {row.tokens} tokens ──\n", None))
@@ -119,10 +122,13 @@ def checked_config(ctx: AppContext, values: dict[str, Any], refused: str) -> tup
         cfg = config_from_form(values, str(ctx.runs_dir))
     except ConfigError as e:
         return None, _problems_md(f"{refused}. Fix these fields:", e.problems)
-    check = preview_data(cfg, n_rows=0)
+    check = preview_data(cfg, n_rows=0, roots=ctx.roots)
     if check.errors:
         return None, _problems_md(f"{refused}: the data has problems ({check.source}):", check.errors)
-    return cfg, ""
+    try:
+        return pin_sources(cfg, ctx.roots), ""  # the job reads the very files checked here
+    except DataError as e:
+        return None, _problems_md(f"{refused}: the data has problems ({e.source}):", e.problems)
 
 
 def start_run(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str | None]:

@@ -106,26 +106,32 @@ def shape_problems(shapes: dict[str, list[int]], modules: dict[str, tuple[int, i
     return problems
 
 
-def base_linear_shapes(base: str, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
-    """(in, out) features of every linear layer of a base model, built on the meta device from its config.json."""
+def base_linear_shapes(base: str) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear layer of a base model, built on the meta device from its config.json.
+    Never with the model repo's own code: this runs in the UI server too (the chat and export checks)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=False)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return {
         name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
 
 
 def check_fits_base(source: AdapterSource) -> None:
-    """Raise AdapterError when the adapter was made for another base (checked without loading weights)."""
+    """Raise AdapterError when the adapter was made for another base (checked without loading weights).
+    A base that is only defined by its own code (trust_remote_code) is not checked here; its job finds out."""
     trust = bool(source.cfg and source.cfg.model.trust_remote_code)
     try:
-        modules = base_linear_shapes(source.base, trust)
+        modules = base_linear_shapes(source.base)
     except OSError as e:
         raise AdapterError(f"base model {source.base}: cannot read its config.json ({e})") from e
+    except (ValueError, KeyError):
+        if trust:  # an architecture transformers does not know without the repo's code
+            return
+        raise
     problems = shape_problems(adapter_shapes(source), modules)
     if problems:
         trained_on = source.peft_config.get("base_model_name_or_path") or "another model"

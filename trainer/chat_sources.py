@@ -1,13 +1,13 @@
 """What the chat and export tabs can pick from: finished runs' adapters, a running run's newest checkpoint,
-or a directory the user types (allowed only inside the runs dir or the working directory)."""
+or a directory the user types (allowed only inside the server's roots: trainer/paths.py page_roots)."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from trainer.adapter_source import AdapterError
+from trainer.paths import inside_roots, refusal
 from trainer.registry import Job
 from trainer.runs_index import read_config
 
@@ -40,11 +40,9 @@ def resolve_user_dir(text: str, roots: list[Path], what: str = "adapter director
     """A directory path typed into the page, resolved (symlinks too) and required to lie inside one of roots."""
     if not text.strip():
         raise AdapterError(f"{what}: empty")
-    path = Path(os.path.realpath(Path(text.strip()).expanduser()))
-    allowed = [Path(os.path.realpath(r)) for r in roots]
-    if not any(path == r or path.is_relative_to(r) for r in allowed):
-        shown = ", ".join(str(r) for r in allowed)
-        raise AdapterError(f"{what} {text.strip()}: outside the directories this server may read ({shown})")
+    path = inside_roots(text, roots)
+    if path is None:
+        raise AdapterError(refusal(what, text, roots))
     return path
 
 
@@ -63,14 +61,16 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_base(text: str, roots: list[Path]) -> str | None:
-    """A base model typed into the page: blank (the adapter's own), a hub id, or a directory inside roots."""
+    """A base model typed into the page: blank (the adapter's own), a directory inside roots, or a hub id."""
     text = text.strip()
     if not text:
         return None
-    if Path(text).expanduser().exists():
-        return str(resolve_user_dir(text, roots, "base model directory"))
-    if ".." in text or not HUB_ID_RE.match(text):
-        raise AdapterError(f"base model {text!r}: neither an existing directory nor a hub id like Org/Model")
+    local = inside_roots(text, roots)
+    if local is not None and local.is_dir():
+        return str(local)
+    # a hub id that is also a directory under the cwd would load from that directory: refuse it like any other
+    if ".." in text or not HUB_ID_RE.match(text) or Path(text).exists():
+        raise AdapterError(refusal("base model", text, roots) + ", or give a hub id like Org/Model")
     return text
 
 

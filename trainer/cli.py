@@ -19,6 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address without auth")
     ui.add_argument("--max-running", type=int, default=1, help="jobs that train at the same time (default 1)")
     ui.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory the page may read data files from (repeatable); always allowed: the runs dir, the "
+        "project's data/ and examples/",
+    )
+    ui.add_argument(
         "--example",
         default="examples/smollm2-persona.yaml",
         help="config a fresh page starts with (default: the real model on the persona task)",
@@ -99,7 +107,16 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             auth = read_auth(args.auth, args.auth_file)
-            serve(args.host, args.port, args.runs_dir, auth, args.insecure_no_auth, args.max_running, args.example)
+            serve(
+                args.host,
+                args.port,
+                args.runs_dir,
+                auth,
+                args.insecure_no_auth,
+                args.max_running,
+                args.example,
+                data_dirs=args.data_dir,
+            )
         except LaunchError as e:
             print(f"lora-workbench ui: {e}", file=sys.stderr)
             return 2

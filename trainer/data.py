@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trainer.config import DataSection
@@ -28,9 +29,12 @@ class Prepared:
     source: str
 
 
-def load_examples(source: str, cfg: DataSection) -> tuple[str, str, list[tuple[str, Example]]]:
-    """(resolved source, format, [(row location, example)]) of one data source; raises DataError."""
-    name, rows = read_rows(source, cfg.subset, cfg.split)
+def load_examples(
+    source: str, cfg: DataSection, roots: list[Path] | None = None
+) -> tuple[str, str, list[tuple[str, Example]]]:
+    """(resolved source, format, [(row location, example)]) of one data source; raises DataError.
+    roots confine a local file to the page's directories (data_files.read_rows)."""
+    name, rows = read_rows(source, cfg.subset, cfg.split, roots)
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
     rows = [rename_columns(r, cfg.columns) for r in rows]

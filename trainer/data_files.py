@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.paths import resolve_local
+from trainer.paths import PROJECT_ROOT, inside_roots, refusal, resolve_local
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+DEEP_LEVELS = 100  # a row is an object of texts and short lists; json.loads gives up near Python's recursion limit
+TOO_DEEP = (
+    f"nested too deeply (arrays/objects more than {DEEP_LEVELS} levels inside each other); "
+    "a row is an object of text fields"
+)
 
 
 class DataError(ValueError):
@@ -34,14 +39,43 @@ class Row:
     data: dict[str, Any]
 
 
-def read_rows(source: str, subset: str | None = None, split: str = "train") -> tuple[str, list[Row]]:
-    """Rows of a local file or hub dataset, and the resolved source name used in messages."""
-    local = resolve_local(source)
+def read_rows(
+    source: str, subset: str | None = None, split: str = "train", roots: list[Path] | None = None
+) -> tuple[str, list[Row]]:
+    """Rows of a local file or hub dataset, and the resolved source name used in messages.
+
+    roots (the page's: trainer/paths.py page_roots) confine local files to those directories; None (the CLI,
+    run by the machine's user) reads any path."""
+    local = locate(source, roots)
     if local is not None:
         return str(local), read_file(local)
-    if Path(source).suffix.lower() in SUFFIXES or "/" not in source or source.startswith((".", "/", "~")):
-        raise DataError(source, ["file not found (looked in the working directory and the project's data/)"])
     return source, read_hub(source, subset, split)
+
+
+def locate(source: str, roots: list[Path] | None = None) -> Path | None:
+    """The local file a data source names, or None for a hub dataset id; DataError when it is neither."""
+    if roots is None:
+        local = resolve_local(source)
+    else:  # the cwd first, then the project, as resolve_local; but nothing outside the roots is looked at
+        inside = [p for p in (inside_roots(source, roots), inside_roots(source, roots, PROJECT_ROOT)) if p]
+        local = next((p for p in inside if p.exists()), None)
+    if local is not None:
+        return local
+    if _is_hub_id(source) and not (roots is not None and Path(source).exists()):
+        return None  # (a hub id that is also a path under the cwd would be read from there by datasets)
+    if roots is not None and not inside:
+        raise DataError(source, [refusal("data file", source, roots)])
+    raise DataError(source, ["file not found (looked in the working directory and the project's data/)"])
+
+
+def _is_hub_id(source: str) -> bool:
+    path = Path(source)
+    return (
+        path.suffix.lower() not in SUFFIXES
+        and "/" in source
+        and not source.startswith((".", "/", "~"))
+        and (".." not in path.parts)
+    )
 
 
 def read_file(path: Path) -> list[Row]:
@@ -77,6 +111,9 @@ def _read_jsonl(path: Path) -> list[Row]:
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: invalid JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:
+            problems.append(f"line {n}: {TOO_DEEP}")
+            continue
         if not isinstance(obj, dict):
             problems.append(f"line {n}: expected a JSON object per line, got {type(obj).__name__}")
             continue
@@ -94,6 +131,8 @@ def _read_json(path: Path) -> list[Row]:
         if e.msg == "Extra data":  # a .json file that is really JSON Lines
             return _read_jsonl(path)
         raise DataError(str(path), [f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"]) from None
+    except RecursionError:
+        raise DataError(str(path), [f"line {_deep_line(text)}: {TOO_DEEP}"]) from None
     if isinstance(obj, dict):  # {"data": [rows]} is a wrapped array; any other object is one row
         only = next(iter(obj.values())) if len(obj) == 1 else None
         wrapped = isinstance(only, list) and all(isinstance(r, dict) for r in only) and only
@@ -106,6 +145,30 @@ def _read_json(path: Path) -> list[Row]:
     if bad:
         raise DataError(str(path), bad)
     return [Row(f"row {i}", r) for i, r in enumerate(obj, start=1)]
+
+
+def _deep_line(text: str, limit: int = DEEP_LEVELS) -> int:
+    """The line where arrays/objects first nest deeper than limit: json's RecursionError carries no position."""
+    depth, in_string, escaped, line = 0, False, False, 1
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_string:  # brackets inside strings do not count
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return 1
 
 
 def _read_csv(path: Path) -> list[Row]:

@@ -16,8 +16,9 @@ import yaml
 
 from trainer.config import RunConfig
 from trainer.data import load_examples, tokenize_rows
-from trainer.data_files import DataError
+from trainer.data_files import DataError, locate
 from trainer.data_formats import Example
+from trainer.model_configs import RemoteCodeRefused, refuse_remote_code
 from trainer.tokenization import TemplateError, TokenizeReport, chat_template_of, render_with_spans
 
 TRAINED, PROMPT, CUT = "trained", "prompt (masked)", "cut (over max_length)"
@@ -39,6 +40,8 @@ class DataPreview:
     rows: list[PreviewRow] = field(default_factory=list)
     report: TokenizeReport | None = None
     errors: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    note: str | None = None  # what the preview could not do here, and why
 
     @property
     def over_limit(self) -> int:
@@ -50,6 +53,8 @@ class DataPreview:
 
     def verdict(self) -> str:
         """A markdown summary: usable or not, and what happens to rows longer than max_length."""
+        if self.report is None and self.note and not self.errors:
+            return f"**Data read**: {self.rows_read} rows as **{self.format}** from `{self.source}`. {self.note}."
         if self.report is None:
             return f"**Cannot use {self.source}**"
         r = self.report
@@ -75,13 +80,15 @@ def _tokenizer(config_yaml: str, path: str):
 
 
 def tokenizer_for(cfg: RunConfig):
-    """The run's tokenizer (cached between previews); raises DataError naming the model when it cannot load."""
+    """The run's tokenizer (cached between previews); raises DataError naming the model when it cannot load,
+    RemoteCodeRefused when it would need the model's own code (the preview runs in the UI server)."""
     from trainer.builtin_models import BUILTIN_REAL, cache_root, cached_dir, not_ready_message
     from trainer.models import model_path
 
     spec = BUILTIN_REAL.get(cfg.model.name_or_path)
     if spec is not None and cached_dir(spec, cache_root(cfg.output.runs_dir)) is None:  # never build in a handler
         raise DataError(spec.model_id, [not_ready_message(spec, Path(cfg.output.runs_dir))])
+    refuse_remote_code(cfg.model.trust_remote_code, "counting tokens")  # its tokenizer may be the repo's code
     path = model_path(cfg)
     try:
         model_only = RunConfig(model=cfg.model).to_yaml()  # only the model section decides the tokenizer
@@ -114,15 +121,20 @@ def segments_of(tokenizer: Any, example: Example, template: str, max_length: int
     return segments, len(offsets)
 
 
-def preview_data(cfg: RunConfig, n_rows: int = 3) -> DataPreview:
-    """Read and tokenize cfg.data.source as training would; never raises for bad data, it lists it."""
+def preview_data(cfg: RunConfig, n_rows: int = 3, roots: list[Path] | None = None) -> DataPreview:
+    """Read and tokenize cfg.data.source as training would; never raises for bad data, it lists it.
+    roots (the page's) confine the data file; a model with trust_remote_code is read but not tokenized."""
     d = cfg.data
     out = DataPreview(source=d.source, format=None, max_length=d.max_length, overlength=d.overlength)
     try:
-        out.source, out.format, located = load_examples(d.source, d)
+        out.source, out.format, located = load_examples(d.source, d, roots)
+        out.rows_read = len(located)
         tok = tokenizer_for(cfg)
     except DataError as e:
         out.source, out.errors = e.source, e.problems
+        return out
+    except RemoteCodeRefused as e:
+        out.note = str(e)
         return out
     template = chat_template_of(tok, cfg.model.chat_template)
     _, out.report, out.errors = tokenize_rows(tok, located, d, template)
@@ -135,3 +147,15 @@ def preview_data(cfg: RunConfig, n_rows: int = 3) -> DataPreview:
             continue  # already listed in out.errors
         out.rows.append(PreviewRow(where, segments, tokens))
     return out
+
+
+def pin_sources(cfg: RunConfig, roots: list[Path]) -> RunConfig:
+    """cfg with data.source and data.eval_source as the absolute files the page checked (hub ids unchanged), so
+    the job reads the file that was previewed; DataError for one outside roots or missing."""
+    pinned = {}
+    for name in ("source", "eval_source"):
+        text = getattr(cfg.data, name)
+        local = locate(text, roots) if text else None
+        if local is not None:
+            pinned[name] = str(local)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=pinned)})

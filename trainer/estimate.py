@@ -14,7 +14,7 @@ import yaml
 
 from trainer.config import ConfigError, RunConfig
 from trainer.memory import MemoryEstimate, detect_gpu, memory_estimate, shapes_of
-from trainer.model_configs import kept_config_dir
+from trainer.model_configs import kept_config_dir, refuse_remote_code
 
 
 @dataclass(frozen=True)
@@ -110,5 +110,7 @@ def _estimate_of_yaml(config_yaml: str) -> Estimate:
 
 
 def estimate_cached(cfg: RunConfig) -> Estimate:
-    """estimate(), remembered per distinct config: the Train tab asks again on every edit."""
+    """estimate(), remembered per distinct config: the Train tab asks again on every edit. It runs in the UI
+    server, so a model that needs its own code is refused (RemoteCodeRefused) rather than built here."""
+    refuse_remote_code(cfg.model.trust_remote_code, "the live estimate")
     return _estimate_of_yaml(cfg.to_yaml())

@@ -88,6 +88,7 @@ class ChatEngine:
     def load(self, adapter_dirs: dict[str, str], base: str | None = None, quantization: str = "as trained") -> str:
         """Load a base and the named adapters (name -> directory); replaces whatever was loaded."""
         sources = {name: read_adapter(d, base) for name, d in adapter_dirs.items()}
+        _refuse_remote_code_runs(list(sources.values()))
         if not sources and not base:
             raise AdapterError("choose at least one adapter, or a base model to chat with alone")
         first = next(iter(sources.values()), None)
@@ -116,6 +117,7 @@ class ChatEngine:
             if name in self.loaded.adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded")
             source = read_adapter(adapter_dir, self.loaded.path)
+            _refuse_remote_code_runs([source])
             check_fits_base(source)
             _check_same_kind([*self.loaded.adapters.values(), source])
             t0 = time.perf_counter()
@@ -300,6 +302,17 @@ def _target_context(model: Any, target: str):
         return model.disable_adapter()
     model.set_adapter(target)
     return nullcontext()
+
+
+def _refuse_remote_code_runs(sources: list[AdapterSource]) -> None:
+    """Chat loads models inside the UI server, where a model repo's own code must never run."""
+    for source in sources:
+        if source.cfg is not None and source.cfg.model.trust_remote_code:
+            raise AdapterError(
+                f"{source.path}: its run has model.trust_remote_code on, and chat loads models inside this server, "
+                "where a model's own code never runs. Evaluate it from the Runs tab instead (a job, in its own "
+                "process)."
+            )
 
 
 def _with_base(source: AdapterSource, base: str) -> AdapterSource:

@@ -31,3 +31,16 @@ def kept_config_dir(name_or_path: str) -> Path | None:
 
 def kept_names() -> list[str]:
     return sorted(p.name for p in CONFIGS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+class RemoteCodeRefused(ValueError):
+    """Asked, in the UI server's process, for something only the model repo's own Python code can compute."""
+
+
+def refuse_remote_code(trust_remote_code: bool, what: str) -> None:
+    """Raise RemoteCodeRefused when trust_remote_code is on: that code runs only in a job the user started."""
+    if trust_remote_code:
+        raise RemoteCodeRefused(
+            f"model.trust_remote_code is on: {what} needs the model's own code, which runs only in the training "
+            "process, never in this server; press Start"
+        )
