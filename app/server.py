@@ -10,12 +10,15 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from app.chat_tab import build_chat_tab
 from app.context import DEFAULT_EXAMPLE, AppContext
 from app.export_tab import build_export_tab
+from app.login_guard import LoginGuard
 from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
 from trainer.builtin_models import cache_root
@@ -117,6 +120,12 @@ def served_files(runs_dir: Path) -> dict[str, list[str]]:
     }
 
 
+def guarded_app_kwargs(auth: tuple[str, str] | None) -> dict[str, Any] | None:
+    """With auth on, the login guard wraps Gradio's routes: only the login page before login, slower wrong
+    passwords (app/login_guard.py)."""
+    return {"middleware": [Middleware(LoginGuard)]} if auth else None
+
+
 def prepare_default_model(ctx: AppContext) -> None:
     """Start building the default example's built-in model now, so the first Start does not wait for it."""
     from trainer.builtin_models import start_prepare
@@ -163,6 +172,7 @@ def serve(
             max_file_size=f"{UPLOAD_LIMIT_MB}mb",
             ssr_mode=False,
             css=CSS,
+            app_kwargs=guarded_app_kwargs(auth),
         )
     finally:
         manager.shutdown()  # running jobs go on; the next server re-attaches them
