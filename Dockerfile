@@ -53,7 +53,7 @@ RUN pip install $PIP_EXTRA_ARGS --no-deps --no-build-isolation -e /app \
 # read-only to it. A high uid avoids the base images' own users (ubuntu:24.04 has uid 1000).
 ARG APP_UID=10001
 RUN useradd --uid "$APP_UID" --user-group --create-home --shell /usr/sbin/nologin workbench \
-    && mkdir -p /data/runs /data/hf-cache \
+    && mkdir -p /data/runs /data/hf-cache /data/datasets \
     && chown -R workbench:workbench /data
 ENV HF_HOME=/data/hf-cache GRADIO_ANALYTICS_ENABLED=False
 VOLUME ["/data/runs", "/data/hf-cache"]
@@ -68,4 +68,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=90s --retries=3 \
 
 # 0.0.0.0 so the published port reaches it; the server then refuses to start without credentials:
 # set LORA_WORKBENCH_AUTH=USER:PASS at run time (never in this file: nothing secret is baked in).
-CMD ["lora-workbench", "ui", "--host", "0.0.0.0", "--runs-dir", "/data/runs"]
+# The page reads data files only inside its roots: the runs dir, the bundled data, and /data/datasets (mount yours).
+CMD ["lora-workbench", "ui", "--host", "0.0.0.0", "--runs-dir", "/data/runs", "--data-dir", "/data/datasets"]

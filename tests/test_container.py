@@ -107,7 +107,9 @@ class TestImage:
         config, rootfs = image
         cfg = config["Config"]
         assert passwd_entry(rootfs, cfg["User"])[0] != 0
-        assert cfg["Cmd"] == ["lora-workbench", "ui", "--host", "0.0.0.0", "--runs-dir", "/data/runs"]
+        assert cfg["Cmd"] == [
+            *("lora-workbench", "ui", "--host", "0.0.0.0", "--runs-dir", "/data/runs", "--data-dir", "/data/datasets")
+        ]
         assert "7860/tcp" in cfg["ExposedPorts"]
         assert set(cfg["Volumes"]) == {"/data/runs", "/data/hf-cache"}
         env = dict(item.split("=", 1) for item in cfg["Env"])
