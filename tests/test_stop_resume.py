@@ -80,3 +80,45 @@ def test_incomplete_checkpoints_are_not_resumed_from(tmp_path: Path) -> None:
             (d / "CHECKPOINT_COMPLETE").write_text(json.dumps({"step": step}))
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-10"
     assert latest_complete_checkpoint(tmp_path / "none") is None
+
+
+def catches_sigterm(pid: int) -> bool:
+    """The process has installed a SIGTERM handler of its own (Linux: the SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def log_says(runs: Path, text: str) -> bool:
+    return any(text in log.read_text() for log in runs.glob("*/train.log"))
+
+
+@pytest.mark.parametrize("moment", ["as soon as it handles signals", "while the model loads"])
+def test_a_stop_before_the_first_step_ends_the_run_stopped(make_config, moment: str) -> None:
+    cfg_path = make_config()
+    runs = cfg_path.parent / "runs"
+    argv = [sys.executable, "-m", "trainer", "train", str(cfg_path)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if moment == "while the model loads":
+            wait_for(lambda: proc.poll() is not None or log_says(runs, "loading the model"))
+        else:
+            wait_for(lambda: proc.poll() is not None or catches_sigterm(proc.pid))
+        assert proc.poll() is None, "the trainer ended before the moment to stop it came"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    run = only_run(runs)
+    status = read_status(run)
+    assert (status["state"], status["exit_code"], status["step"]) == ("stopped", 143, 0)
+    assert status["error"] == "stopped before training began: no adapter saved"
+    assert not (run / "adapter").exists()
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert not [x for x in metrics if x["kind"] == "train"]
+    assert [x.get("state") for x in metrics if x.get("event") == "end"] == ["stopped"]
+    log = (run / "train.log").read_text()
+    assert f"run {run.name}: stopped: stopped before training began: no adapter saved" in log
+    if moment == "while the model loads":  # the earliest signal comes before train.log exists
+        assert "received SIGTERM: stopping before training begins" in log

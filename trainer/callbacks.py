@@ -13,6 +13,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from trainer.run_dir import RunDir
+from trainer.stopping import StopRequest
 from trainer.system_stats import system_sample
 
 CHECKPOINT_MARKER = "CHECKPOINT_COMPLETE"
@@ -101,13 +102,22 @@ class NanGuard(TrainerCallback):
 
 
 class StopSignal(TrainerCallback):
-    """Ends training at the next step once a SIGTERM/SIGINT has been received (the flag is set by train.py)."""
+    """Ends training at the next step once a SIGTERM/SIGINT has been received (recorded in a
+    trainer.stopping.StopRequest, whose handler is installed from the start of the run)."""
 
-    def __init__(self):
-        self.signum: int | None = None
+    def __init__(self, request: StopRequest):
+        self.request = request
         # Several ranks: the largest signal number any rank has got (trainer/distributed.py), so that all stop
         # after the same step; a rank leaving the loop alone would leave the others waiting in a collective.
         self.agree: Callable[[int], int] | None = None
+
+    @property
+    def signum(self) -> int | None:
+        return self.request.signum
+
+    @signum.setter
+    def signum(self, value: int | None) -> None:
+        self.request.signum = value
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.agree is not None:

@@ -1,4 +1,6 @@
-"""Inside one rank of a multi-process run: metrics that speak for all ranks, and stop signals counted once.
+"""Inside one rank of a multi-process run: metrics that speak for all ranks, and one stop step for all ranks.
+
+A rank's own stop signals (and the copies its launcher passes on) are told apart in trainer/stopping.py.
 
 Rank 0 alone writes the run's files (RunDir(writer=False) elsewhere); what it writes must still describe the
 whole job, so real-token counts are summed over the ranks when a train line is logged (one all-reduce per
@@ -7,13 +9,10 @@ logged line, none per step).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from trainer.callbacks import MetricsCallback, TokenCounter
-
-DUPLICATE_SIGNAL_S = 5.0
 
 
 class GlobalTokens:
@@ -74,20 +73,3 @@ def signal_agreement() -> Callable[[int], int]:
         return int(flag.item())
 
     return agree
-
-
-class SignalOnce:
-    """Tells a rank's repeated stop signal from the copy its launcher passes on.
-
-    A rank gets SIGTERM/SIGINT from its process group (the UI's Stop, Ctrl-C) and again from torch.distributed.run,
-    which forwards what it receives; the copy arriving within DUPLICATE_SIGNAL_S must not count as "stop now"."""
-
-    def __init__(self):
-        self.first: tuple[int, float] | None = None
-
-    def is_copy(self, signum: int) -> bool:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = (signum, now)
-            return False
-        return self.first[0] == signum and now - self.first[1] < DUPLICATE_SIGNAL_S

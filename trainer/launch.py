@@ -20,10 +20,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError, RunConfig
 from trainer.paths import PRESETS_DIR
 from trainer.run_dir import FINAL_STATES, RunDir, read_status
+
+if TYPE_CHECKING:
+    from trainer.stopping import StopRequest
 
 ACCELERATE_DIR = PRESETS_DIR / "accelerate"
 SHARDED = ("fsdp", "deepspeed_zero3")  # strategies that split the weights: the adapter is gathered on save
@@ -111,8 +115,9 @@ def launch_argv(
     return argv + (["--resume"] if resume else [])
 
 
-def run_launcher(argv: list[str], log_file: Path | None, env: dict[str, str]) -> int:
-    """Run the launcher, copying its output to the terminal and to train.log; a stop signal goes to it once.
+def run_launcher(argv: list[str], log_file: Path | None, env: dict[str, str], stop: StopRequest | None = None) -> int:
+    """Run the launcher, copying its output to the terminal and to train.log; a stop signal goes to it once
+    (one this process got while the launcher started, too).
 
     The ranks do not tee themselves (env holds the log-captured flag): their output comes through here. The
     launcher gets its own session so that Ctrl-C reaches the ranks once, through torch.distributed.run."""
@@ -129,6 +134,8 @@ def run_launcher(argv: list[str], log_file: Path | None, env: dict[str, str]) ->
         proc.send_signal(signum)  # torch.distributed.run passes it on to every rank, which stops and saves
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if stop is not None and stop.signum is not None:
+        forward(stop.signum, None)
     try:
         with open(log_file or os.devnull, "ab") as log:
             for line in iter(proc.stdout.readline, b""):
@@ -169,14 +176,16 @@ def train_argv(config: Path, run_dir: Path) -> list[str]:
     return launch_argv(cfg, config, run_dir)
 
 
-def start_ranks(cfg: RunConfig, run: RunDir, resume: bool, machines: Machines) -> int | None:
+def start_ranks(
+    cfg: RunConfig, run: RunDir, resume: bool, machines: Machines, stop: StopRequest | None = None
+) -> int | None:
     """`lora-workbench train` run directly: launch this machine's ranks on `run` and wait for them.
 
-    Returns the run's exit code, or None when this machine cannot launch the config (the caller then fails the
-    run in-process, naming the field)."""
+    Returns the run's exit code, or None when this machine cannot launch the config or a stop came first (the
+    caller then fails the run in-process, naming the field, or marks it stopped)."""
     from trainer.log_tee import CAPTURED_ENV, tee_to
 
-    if launch_problems(cfg):
+    if launch_problems(cfg) or (stop is not None and stop.signum is not None):
         return None
     argv = launch_argv(cfg, run.config, run.path, resume, machines)
     with tee_to(run.log_file):
@@ -184,7 +193,7 @@ def start_ranks(cfg: RunConfig, run: RunDir, resume: bool, machines: Machines) -
         print(shlex.join(argv))
     log = None if os.environ.get(CAPTURED_ENV) else run.log_file  # else whoever captures us writes train.log
     started = time.time()
-    code = run_launcher(argv, log, {**os.environ, CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"})
+    code = run_launcher(argv, log, {**os.environ, CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"}, stop)
     return settle(run, code, started, machines)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -21,20 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
-from trainer.distributed import RankMetrics, SignalOnce, signal_agreement
 from trainer.launch import ONE_MACHINE, SHARDED, Machines, inside_launch, is_main_process, wants_launcher
 from trainer.log_tee import tee_to
 from trainer.presets import load_config
 from trainer.run_dir import RunDir, new_run_id, read_status
+from trainer.stopping import RunStopped, StopRequest
 
 if TYPE_CHECKING:
     from trainer.memory import MemoryEstimate
 
 EXIT_OK, EXIT_FAILED = 0, 1
-
-
-class RunStopped(Exception):
-    """A stop signal arrived before training started."""
 
 
 def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
@@ -144,27 +139,15 @@ def resume_checkpoint(cfg: RunConfig, run: RunDir) -> str | None:
 class Session:
     """State shared by the stages of one run."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir):
+    def __init__(self, cfg: RunConfig, run: RunDir, request: StopRequest | None = None):
         from trainer.callbacks import StopSignal
 
-        self.cfg, self.run = cfg, run
-        self.stop = StopSignal()
+        self.cfg, self.run, self.request = cfg, run, request or StopRequest()
+        self.stop = StopSignal(self.request)  # the Trainer's view of the same request, checked after every step
         self.facts: dict[str, Any] = {}
-        self.interrupted_twice = False
-        self.signals = SignalOnce()
-
-    def on_signal(self, signum: int, _frame: Any) -> None:
-        if self.signals.is_copy(signum) and inside_launch():  # the launcher passing on the one we already got
-            return
-        if self.stop.signum is not None:  # a second signal: stop now, without saving
-            self.interrupted_twice = True
-            raise KeyboardInterrupt
-        self.stop.signum = signum
-        print(f"received {signal.Signals(signum).name}: stopping after the current step and saving the adapter")
 
     def check_stop(self) -> None:
-        if self.stop.signum is not None:
-            raise RunStopped
+        self.request.check()
 
 
 def prepare(s: Session):
@@ -191,6 +174,7 @@ def prepare(s: Session):
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
     data = prepare_data(tokenizer, s.cfg.data, tokenizer.chat_template, s.cfg.training.seed)
+    s.check_stop()
     r, e = data.report, data.eval_report
     print(f"data: {data.source} ({data.format}): {r.summary()}; {len(data.train)} train / {len(data.eval)} eval")
     if e is not None:
@@ -278,6 +262,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     from trainer.adapters import adalora_schedule_problem, to_peft_config
     from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, NanGuard, TokenCounter
     from trainer.data import to_dataset
+    from trainer.distributed import RankMetrics, signal_agreement
     from trainer.models import count_parameters, load_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -286,6 +271,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
         raise ConfigError([problem])
     resume = resume_checkpoint(s.cfg, s.run)
     s.check_stop()
+    print(f"loading the model: {path}", flush=True)
     model = load_model(s.cfg, path, plan)
     s.check_stop()
     args = to_sft_config(s.cfg, s.run, plan.trainer_flags, bool(data.eval))
@@ -330,6 +316,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
         max_steps=total,
     )
     s.check_stop()
+    s.request.training = True  # from here a stop ends the run after the current step, saving the adapter
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -433,6 +420,7 @@ def execute(s: Session) -> int:
     )
     s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
+        s.check_stop()  # a stop that came while the config was read
         trainer = fit(s, *prepare(s))
         if s.nan_guard.error:
             return finish(s, "failed", EXIT_FAILED, s.nan_guard.error)
@@ -444,9 +432,7 @@ def execute(s: Session) -> int:
         print(str(e), file=sys.stderr)
         return finish(s, "failed", EXIT_FAILED, str(e))
     except (RunStopped, KeyboardInterrupt):
-        signum = s.stop.signum or signal.SIGINT
-        error = "interrupted twice: the adapter was not saved" if s.interrupted_twice else None
-        return finish(s, "stopped", 128 + signum, error)
+        return finish(s, "stopped", s.request.exit_code(), s.request.error())
     except torch.OutOfMemoryError as e:
         return finish(s, "failed", EXIT_FAILED, oom_message(e))
     except Exception as e:
@@ -457,8 +443,22 @@ def execute(s: Session) -> int:
 def run_training(
     config_path: str, resume: bool = False, run_dir: str | None = None, machines: Machines = ONE_MACHINE
 ) -> int:
-    """One run. run_dir: the directory every rank of a multi-process run shares (the launching parent chose it)."""
-    path = Path(config_path)
+    """One run. run_dir: the directory every rank of a multi-process run shares (the launching parent chose it).
+
+    Stop signals are handled from the first line (trainer/stopping.py): a Stop while the config, the data or the
+    model loads ends the run `stopped`, as one during training does."""
+    stop = StopRequest()
+    try:
+        with stop.installed():
+            return train_run(stop, Path(config_path), resume, run_dir, machines)
+    except KeyboardInterrupt:  # stopped twice before the run had a directory to record it in
+        return stop.exit_code()
+    finally:
+        if inside_launch():
+            leave_process_group()
+
+
+def train_run(stop: StopRequest, path: Path, resume: bool, run_dir: str | None, machines: Machines) -> int:
     try:
         cfg = load_config(path)
         if resume and cfg.training.resume_from_checkpoint is None:
@@ -473,20 +473,13 @@ def run_training(
     if wants_launcher(cfg, machines) and not inside_launch():
         from trainer.launch import start_ranks
 
-        code = start_ranks(cfg, run, resume, machines)
+        code = start_ranks(cfg, run, resume, machines, stop)
         if code is not None:
-            return code  # else this machine cannot launch it: the run fails below in prepare(), saying why
-    s = Session(cfg, run)
-    previous = {sig: signal.signal(sig, s.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with tee_to(run.log_file):
-            print(f"run {run.run_id} in {run.path} (pid {os.getpid()})")
-            return execute(s)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if inside_launch():
-            leave_process_group()
+            return code  # else the run fails (or stops) below: this machine cannot launch it, or a stop came
+    s = Session(cfg, run, stop)
+    with tee_to(run.log_file):
+        print(f"run {run.run_id} in {run.path} (pid {os.getpid()})")
+        return execute(s)
 
 
 def leave_process_group() -> None:
