@@ -72,6 +72,10 @@ class MetricsCallback(TrainerCallback):
                 "epoch": logs.get("epoch", state.epoch),
                 "tokens_per_second": round(tps, 2),
             }
+            if "orth_reg_loss" in logs:  # AdaLoRA: loss is PEFT's, token NLL + its orthogonal regularisation
+                self.last_train.update(
+                    nll_loss=logs["loss"] - logs["orth_reg_loss"], orth_reg_loss=logs["orth_reg_loss"]
+                )
             self.run.append_metric("train", step, **self.last_train)
             self.run.append_metric("system", step, **system_sample())
         if "eval_loss" in logs:

@@ -257,13 +257,12 @@ def announce_auto(s: Session, field: str, choice: bool, why: str) -> None:
 
 def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     """Load the model, wrap it with the adapter and train; returns the trainer."""
-    from trl import SFTTrainer
-
     from trainer.adapters import adalora_schedule_problem, to_peft_config
     from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, NanGuard, TokenCounter
     from trainer.data import to_dataset
     from trainer.distributed import RankMetrics, signal_agreement
     from trainer.models import count_parameters, load_model
+    from trainer.sft_trainer import WorkbenchSFTTrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     total = total_optimizer_steps(s.cfg, len(data.train), world)
@@ -276,7 +275,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     s.check_stop()
     args = to_sft_config(s.cfg, s.run, plan.trainer_flags, bool(data.eval))
     s.nan_guard = NanGuard()
-    trainer = SFTTrainer(
+    trainer = WorkbenchSFTTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(data.train),
