@@ -21,7 +21,8 @@ MERGE_HELP = (
     "16bit (default): the base is reloaded unquantized in the chosen dtype and ΔW = B·A·α/r is added to it, the "
     "usual way to ship a QLoRA adapter. dequantized: the 4/8-bit base as the adapter saw it in training, "
     "dequantized, plus ΔW; choose it when the adapter learned to correct quantization error (small bases, "
-    "aggressive 4-bit), where 16-bit weights would shift its answers."
+    "aggressive 4-bit), where 16-bit weights would shift its answers. For a 4/8-bit run the result shows both: the "
+    "check against base + adapter, and how far the export is from the model it was trained with."
 )
 
 

@@ -264,3 +264,76 @@ def test_cli_export_writes_status_and_report_for_the_job_view(trained_adapter, t
     assert report == json.loads((out / "export_report.json").read_text())
     assert report["dtype"] == "fp16" and set(report["seconds"]) == {"load", "merge", "save", "fidelity"}
     assert json.loads((status_dir / "result.json").read_text())["out"] == str(out.resolve())
+
+
+def test_a_16bit_merge_of_a_qlora_run_reports_how_far_it_is_from_the_model_it_was_trained_with(
+    trained_adapter, tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """The fidelity check compares with the 16-bit base + adapter; the 4-bit one the adapter trained on is reported."""
+    run_dir = trained_adapter("qlora")
+    out, status_dir = tmp_path / "merged", tmp_path / "jobs" / "export-1"
+    argv = ["export", "--adapter", str(run_dir / "adapter"), "--out", str(out), "--dtype", "fp32"]
+    assert main([*argv, "--status-dir", str(status_dir)]) == 0
+
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["fidelity"]["passed"]  # still the gate: the merge did what it says
+    trained = report["against_trained_model"]
+    inputs, quantized = reference_logits(run_dir, tiny_model, quantized=True)  # plain PEFT on the 4-bit base
+    assert trained["max_abs_logit_diff"] == pytest.approx(max_diff_to_export(out, inputs, quantized), rel=1e-4)
+    assert trained["max_abs_logit_diff"] > 10 * report["fidelity"]["max_abs_logit_diff"]
+    assert trained["reference"] == "the 4bit base + adapter, loaded as training loaded it"
+    stdout = capsys.readouterr().out
+    drift = f"{trained['max_abs_logit_diff']:.4g}"
+    assert f"against the model it was trained with (the 4bit base + adapter): max |logit diff| {drift}" in stdout
+    assert f"{trained['greedy_agreement']:.1%}" in stdout and "--merge-into dequantized keeps" in stdout
+
+    from trainer.registry import Job
+    from trainer.side_jobs import export_result_md
+
+    job = Job(1, "export-1", None, "export", "completed", None, None, 0.0, None, None, "", str(status_dir), None,
+              None, None)  # fmt: skip
+    page = export_result_md(job)
+    assert f"Against the model it was trained with (the 4bit base + adapter): max |logit diff| {drift[:4]}" in page
+    assert "Merge into: dequantized keeps" in page and "--merge-into" not in page
+    assert "Against the model it was trained with" in (out / "README.md").read_text()
+
+
+def test_a_dequantized_merge_reports_the_trained_model_as_its_fidelity_reference(
+    trained_adapter, tmp_path: Path
+) -> None:
+    report = export(trained_adapter("qlora"), tmp_path / "merged", dtype="fp32", merge_into="dequantized")
+    trained = report["against_trained_model"]
+    assert trained["max_abs_logit_diff"] == report["fidelity"]["max_abs_logit_diff"] < 1e-3
+    assert "against_trained_model" not in export(trained_adapter("lora"), tmp_path / "lora", dtype="fp32")
+
+
+def test_every_file_of_an_export_gets_the_mode_the_umask_gives(trained_adapter, tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        export(trained_adapter("lora"), tmp_path / "merged")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "merged").iterdir()}
+    assert modes == dict.fromkeys(modes, "0o644"), modes  # model.safetensors and export_report.json too
+
+
+def test_the_page_names_its_replace_checkbox_not_the_cli_flag(trained_adapter, tmp_path: Path) -> None:
+    from app.context import AppContext
+    from app.export_tab import submit_export
+    from trainer.jobs import JobManager
+
+    ctx = AppContext(tmp_path / "runs", JobManager(tmp_path / "runs", max_running=0))
+    adapter = str(trained_adapter("lora") / "adapter")
+    earlier = ctx.runs_dir / "exports" / "earlier"
+    export(trained_adapter("lora"), earlier)
+    msg, job_id = submit_export(ctx, adapter, "", "", str(earlier), "bf16", "2GB", "16bit", False, "")
+    assert job_id is None and "tick Replace" in msg and "--overwrite" not in msg, msg
+
+    mine = ctx.runs_dir / "exports" / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    msg, job_id = submit_export(ctx, adapter, "", "", str(mine), "bf16", "2GB", "16bit", True, "")
+    assert job_id is None and "never replaced, Replace ticked or not" in msg and "--overwrite" not in msg, msg
+    assert (mine / "notes.txt").read_text() == "mine"

@@ -5,7 +5,8 @@
 
 Phases: 1 load base + adapter -> 2 merge (the reference logits are taken first, from the unmerged model) ->
 3 save into a temp dir next to --out -> 4 fidelity (reload the saved model with plain transformers, compare its
-logits with the reference) -> rename into place -> 5 push (only with --push-to-hub).
+logits with the reference; for a 4/8-bit run also with the quantized base + adapter it was trained with, reported
+and never a gate: trainer/export_fidelity.py) -> rename into place -> 5 push (only with --push-to-hub).
 
 Every problem with the request is reported before a model loads. A failed export leaves --out as it was: the temp
 dir is deleted, also when the fidelity check fails (its numbers are printed, and kept in <status-dir>/
@@ -31,7 +32,18 @@ from typing import Any, Literal
 
 from trainer.adapter_source import AdapterError, AdapterSource, check_fits_base, read_adapter
 from trainer.config import ConfigError
-from trainer.export_target import outside_root, replace_problem, write_marker
+from trainer.export_fidelity import (  # PROMPTS, compare: benchmarks/export_fidelity.py imports them from here
+    PROMPTS,  # noqa: F401
+    TOLERANCE,
+    against_trained,
+    compare,
+    forward_logits,
+    print_fidelity,
+    print_trained,
+    prompt_inputs,
+    saved_logits,
+)
+from trainer.export_target import give_plain_modes, outside_root, replace_problem, write_marker
 from trainer.job_status import JobStatus
 from trainer.run_dir import write_json_atomic
 
@@ -39,19 +51,6 @@ SaveDtype = Literal["bf16", "fp16", "fp32"]
 MergeInto = Literal["16bit", "dequantized"]
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SHORT = {v: k for k, v in TORCH_DTYPES.items()} | {"int8": "int8"}
-# Allowed max |logit diff| as a fraction of max |reference logit|, keyed by the coarsest precision in the comparison
-# (the saved dtype, or the reference's compute dtype when that is coarser). benchmarks/export_fidelity.py on
-# builtin:smollm2-135m (CPU; lora/dora/qlora, both merges): float noise fp32 <= 4.9e-6, fp16 <= 5.2e-3, bf16 <= 4.4e-2;
-# a broken merge (adapter x2 or dropped) >= 1.7e-1; margins noise/broken: fp32 20x/1700x, fp16 6x/6x, bf16 2.3x/1.7x.
-# int8 (8-bit run, dequantized merge; LLM.int8 also rounds activations): <= 1e-2 on the tiny model, not re-measured.
-TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 1e-1, "int8": 1e-1}
-# Teacher-forced prompts (user, assistant) for the fidelity check; the tiny model's BPE was trained on text like this.
-PROMPTS = [
-    ("Review: The camera was awful.\nSentiment:", " negative"),
-    ("Review: Honestly, the phone was wonderful.\nSentiment:", " positive"),
-    ("Name the capital of France.", "The capital of France is Paris."),
-    ("Give the opposite of the word.\n\nhot", "cold"),
-]
 
 
 class ExportError(ValueError):
@@ -99,12 +98,13 @@ def out_dir_problems(out: Path, source: AdapterSource, overwrite: bool, root: Pa
             return [f"--out {out}: is the {what} directory {path} or inside it; choose a directory outside it"]
         if out in path.parents:
             return [f"--out {out}: contains the {what} ({path}); choose a directory that does not"]
-    if problem := replace_problem(out):
+    if problem := replace_problem(out, page=root is not None):
         return [problem]
     if out.is_dir() and any(out.iterdir()) and not overwrite:
+        how = "tick Replace" if root is not None else "pass --overwrite"  # the page's checkbox, or the CLI's flag
         return [
             f"--out {out}: is an earlier export and not empty; nothing was changed. Choose another directory, "
-            "or pass --overwrite (the page: tick Replace) to replace it once the new export has passed its checks"
+            f"or {how} to replace it once the new export has passed its checks"
         ]
     return []
 
@@ -211,11 +211,13 @@ def base_revision(source: AdapterSource, req: ExportRequest) -> str | None:
     return source.cfg.model.revision if source.cfg is not None and req.base is None else None
 
 
-def load_unmerged(source: AdapterSource, req: ExportRequest, cuda: bool) -> tuple[Any, str]:
+def load_unmerged(
+    source: AdapterSource, req: ExportRequest, cuda: bool, quantized: bool | None = None
+) -> tuple[Any, str]:
     """Base + adapter, unmerged, and the dtype its logits are computed in (the fidelity reference).
 
     16bit: the unquantized base in fp32 on a CPU (merged there, then rounded once to --dtype), in --dtype on a GPU.
-    dequantized: the base quantized exactly as the run trained it.
+    dequantized (or quantized=True): the base quantized exactly as the run trained it.
     """
     import torch
     from peft import PeftModel
@@ -225,7 +227,7 @@ def load_unmerged(source: AdapterSource, req: ExportRequest, cuda: bool) -> tupl
         "revision": base_revision(source, req),
         "trust_remote_code": bool(source.cfg and source.cfg.model.trust_remote_code),
     }
-    if req.merge_into == "dequantized":
+    if req.merge_into == "dequantized" if quantized is None else quantized:
         from trainer import device
         from trainer.models import to_bnb_config
 
@@ -242,27 +244,6 @@ def load_unmerged(source: AdapterSource, req: ExportRequest, cuda: bool) -> tupl
     from trainer.models import eval_as_trained
 
     return eval_as_trained(PeftModel.from_pretrained(base, str(source.path))), ref_dtype
-
-
-def prompt_inputs(tokenizer) -> list[Any]:
-    """Token ids of the fidelity prompts, rendered with the chat template when there is one."""
-    inputs = []
-    for user, answer in PROMPTS:
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        if tokenizer.chat_template:
-            enc = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
-        else:
-            enc = tokenizer(f"{user}\n{answer}", return_tensors="pt")
-        inputs.append(enc["input_ids"])
-    return inputs
-
-
-def forward_logits(model: Any, inputs: list[Any]) -> list[Any]:
-    """Teacher-forced logits per prompt, as float32 on the CPU."""
-    import torch
-
-    with torch.no_grad():
-        return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
 
 
 def merge_adapter(model: Any, source: AdapterSource, req: ExportRequest, cuda: bool) -> Any:
@@ -283,41 +264,6 @@ def save_model(model: Any, tokenizer: Any, tmp: Path, max_shard_size: int) -> li
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     return sorted(p.name for p in tmp.glob("*.safetensors"))
-
-
-def compare(reference: list[Any], logits: list[Any], tol_key: str) -> dict[str, Any]:
-    """Logit differences, greedy agreement and the verdict; a NaN anywhere fails."""
-    import torch
-
-    diffs = [(r - g).abs() for r, g in zip(reference, logits, strict=True)]
-    positions = sum(d.shape[0] for d in diffs)
-    max_diff = float(torch.stack([d.max() for d in diffs]).max())
-    mean_diff = float(sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs))
-    agree = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(reference, logits, strict=True))
-    scale = max(float(torch.stack([r.abs().max() for r in reference]).max()), 1.0)
-    tolerance = TOLERANCE[tol_key] * scale
-    return {
-        "max_abs_logit_diff": max_diff,
-        "mean_abs_logit_diff": mean_diff,
-        "greedy_agreement": agree / positions,
-        "tolerance": tolerance,
-        "tolerance_rule": f"{TOLERANCE[tol_key]:g} x max |reference logit| ({scale:.4g}), {tol_key}",
-        "passed": bool(max_diff <= tolerance),
-        "prompts": len(reference),
-        "positions": positions,
-    }
-
-
-def fidelity_check(model_dir: Path, inputs: list[Any], reference: list[Any], tol_key: str, cuda: bool) -> dict:
-    """Load the saved model with plain transformers and compare its logits with base + adapter."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), device_map={"": 0} if cuda else None, use_safetensors=True
-    )
-    logits = forward_logits(model, inputs)
-    del model
-    return compare(reference, logits, tol_key)
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -358,16 +304,6 @@ def push(out: Path, repo_id: str) -> str:
     return str(url)
 
 
-def print_fidelity(f: dict[str, Any]) -> None:
-    verdict = "passed" if f["passed"] else "FAILED"
-    print(
-        f"[export] fidelity {verdict}: max |logit diff| {f['max_abs_logit_diff']:.4g} (tolerance {f['tolerance']:.4g}"
-        f" = {f['tolerance_rule']}), mean {f['mean_abs_logit_diff']:.4g}, greedy agreement "
-        f"{f['greedy_agreement']:.1%} over {f['positions']} positions",
-        flush=True,
-    )
-
-
 def run_export(req: ExportRequest) -> dict[str, Any]:
     """Validate, merge, save, check and (optionally) push; returns the export report. Raises on failure."""
     progress = Progress(["load", "merge", "save", "fidelity"] + (["push"] if req.push_to_hub else []), req.status_dir)
@@ -384,6 +320,44 @@ def run_export(req: ExportRequest) -> dict[str, Any]:
     return report
 
 
+def tolerance_key(req: ExportRequest, ref_dtype: str) -> str:
+    """The coarsest precision in a comparison: the saved dtype, or the reference's compute dtype when coarser."""
+    return max(req.dtype, SHORT[ref_dtype], key=TOLERANCE.__getitem__)
+
+
+def trained_reference(source: AdapterSource, req: ExportRequest, cuda: bool, inputs: list[Any]) -> tuple | None:
+    """(logits, tolerance key) of the quantized base + adapter the run trained, for a 16bit merge of a 4/8-bit run;
+    None otherwise (a dequantized merge's fidelity reference is that model already). Freed before the next load."""
+    if source.quantization == "none" or req.merge_into == "dequantized":
+        return None
+    model, dtype = load_unmerged(source, req, cuda, quantized=True)
+    logits = forward_logits(model, inputs)
+    del model
+    gc.collect()
+    return logits, tolerance_key(req, dtype)
+
+
+def check_saved(tmp: Path, inputs: list[Any], refs: dict[str, tuple], quantization: str, cuda: bool) -> dict:
+    """The gate ("fidelity") and, for a 4/8-bit run, "against_trained_model", from one reload of the saved model."""
+    logits = saved_logits(tmp, inputs, cuda)
+    reference, key = refs["fidelity"]
+    checks: dict[str, Any] = {"fidelity": compare(reference, logits, key)}
+    if quantization != "none":
+        trained, key = refs.get("trained", refs["fidelity"])  # dequantized: the gate's reference is the trained model
+        checks["against_trained_model"] = against_trained(trained, logits, key, quantization)
+    return checks
+
+
+def write_export_files(tmp: Path, source: AdapterSource, report: dict[str, Any]) -> None:
+    """Card, report and the marker (after them: it lists every file), then one file mode for all."""
+    from trainer.merged_card import merged_card
+
+    (tmp / "README.md").write_text(merged_card(source, report), encoding="utf-8")
+    write_json_atomic(tmp / "export_report.json", report)
+    write_marker(tmp, source.path, source.base, report["created"])
+    give_plain_modes(tmp)
+
+
 def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
     import torch
 
@@ -392,9 +366,12 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
     progress.phase("load", f"loading base {source.base} + {source.method} adapter ({'cuda' if cuda else 'cpu'})")
     tokenizer = load_tokenizer_for(source, req)
     inputs = prompt_inputs(tokenizer)
+    trained = trained_reference(source, req, cuda, inputs)  # first: one model in memory at a time
     model, ref_dtype = load_unmerged(source, req, cuda)
     progress.phase("merge", f"merging into the {req.merge_into} base, saved as {req.dtype}")
-    reference = forward_logits(model, inputs)
+    refs = {"fidelity": (forward_logits(model, inputs), tolerance_key(req, ref_dtype))}
+    if trained is not None:
+        refs["trained"] = trained
     merged = merge_adapter(model, source, req, cuda)
     del model
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")  # same filesystem as out: the final rename is atomic
@@ -406,8 +383,8 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
         del merged
         gc.collect()
         progress.phase("fidelity", "fidelity check: reloading the saved model with plain transformers")
-        tol_key = max(req.dtype, SHORT[ref_dtype], key=TOLERANCE.__getitem__)
-        fidelity = fidelity_check(tmp, inputs, reference, tol_key, cuda)
+        checks = check_saved(tmp, inputs, refs, source.quantization, cuda)
+        fidelity = checks["fidelity"]
         progress.close()
         print_fidelity(fidelity)
         report = {
@@ -423,9 +400,10 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
             "max_shard_size": req.max_shard_size,
             "device": "cuda" if cuda else "cpu",
             "seconds": dict(progress.seconds),
-            "fidelity": fidelity,
+            **checks,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        print_trained(report)
         if not fidelity["passed"]:
             raise ExportError(
                 f"fidelity check failed: the merged model's logits differ from base + adapter by up to "
@@ -433,11 +411,7 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
                 f"to {out}",
                 report,
             )
-        from trainer.merged_card import merged_card
-
-        (tmp / "README.md").write_text(merged_card(source, report), encoding="utf-8")
-        write_json_atomic(tmp / "export_report.json", report)
-        write_marker(tmp, source.path, source.base, report["created"])
+        write_export_files(tmp, source, report)
         move_into_place(tmp, out, req.overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename

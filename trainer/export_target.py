@@ -43,7 +43,12 @@ def what_it_is(out: Path) -> str:
     return "it is not an export this workbench wrote"
 
 
-def replace_problem(out: Path) -> str | None:
+def replace_control(page: bool) -> str:
+    """How the user asks for a replace, in the words of where they are: the page's checkbox or the CLI's flag."""
+    return "Replace ticked" if page else "--overwrite"
+
+
+def replace_problem(out: Path, page: bool = False) -> str | None:
     """Why a non-empty --out must never be replaced, or None when it is empty, absent or a clean marked export."""
     if out.exists() and not out.is_dir():
         return f"--out {out}: is a file; choose a directory"
@@ -53,12 +58,24 @@ def replace_problem(out: Path) -> str | None:
     marker = read_marker(out)
     if marker is None:
         why = f"{what_it_is(out)} (no {MARKER} marker in it)"
-        return f"--out {out}: is not empty and {why}, so it is never replaced, --overwrite or not; {keep}"
+        return f"--out {out}: is not empty and {why}, so it is never replaced, {replace_control(page)} or not; {keep}"
     added = sorted({p.name for p in out.iterdir()} - set(marker["files"]))
     if added:
         shown = ", ".join(added[:5]) + (", ..." if len(added) > 5 else "")
         return f"--out {out}: is an export, but holds files the export did not write ({shown}); {keep}"
     return None
+
+
+def give_plain_modes(export_dir: Path) -> None:
+    """Give every file the mode a plain open() gets under the umask: files written through a temp file (the atomic
+    JSON writes, safetensors' shards) come out 0600 while the rest are, e.g., 0644."""
+    probe = export_dir / ".mode-probe"
+    probe.touch()  # 0o666 minus the umask, as open() creates files
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in export_dir.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def outside_root(out: Path, root: Path) -> str | None:

@@ -47,7 +47,8 @@ def merge_note(source: AdapterSource, merge_into: str) -> str:
         )
     return (
         f"The adapter was trained on a {source.quantization} base and merged into the unquantized base "
-        "(the usual QLoRA practice); outputs differ slightly from the quantized training model."
+        "(the usual QLoRA practice), so outputs differ from the quantized model it was trained with (by how much: "
+        "the table); `--merge-into dequantized` keeps the trained behaviour."
     )
 
 
@@ -69,6 +70,11 @@ def merged_card(source: AdapterSource, report: dict[str, Any]) -> str:
         f"{f['mean_abs_logit_diff']:.3g}, tolerance {f['tolerance']:.3g}, greedy agreement "
         f"{f['greedy_agreement']:.1%} over {f['positions']} positions: {'passed' if f['passed'] else 'FAILED'}",
     }
+    if t := report.get("against_trained_model"):
+        rows[f"Against the model it was trained with ({source.quantization} base + adapter)"] = (
+            f"max abs diff {t['max_abs_logit_diff']:.3g}, mean {t['mean_abs_logit_diff']:.3g}, greedy agreement "
+            f"{t['greedy_agreement']:.1%} over {t['positions']} positions (reported, not a check)"
+        )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
     base_meta = f"base_model: {source.base}\n" if is_hub_id(source.base) else ""  # the hub rejects local paths
     return f"""---

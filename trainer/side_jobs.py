@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.export import ExportRequest, validate_request
+from trainer.export_fidelity import trained_line
 from trainer.job_status import read_json, read_result
 from trainer.jobs import log_file, log_tail
 from trainer.registry import Job
@@ -76,6 +77,8 @@ def export_result_md(job: Job) -> str:
             f"(tolerance {f['tolerance']:.3g}), mean {f.get('mean_abs_logit_diff', 0):.3g}, "
             f"greedy-token agreement {f.get('greedy_agreement', 0):.1%}"
         )
+    if trained := trained_line(report, "Merge into:"):  # a 4/8-bit run: how far from the model it trained with
+        lines.append(trained)
     if report.get("pushed_to"):
         lines.append(f"Pushed to {report['pushed_to']}")
     return "\n\n".join(lines)
