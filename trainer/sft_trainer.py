@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer with AdaLoRA's orthogonal regularisation put back into the training loss."""
+"""TRL's SFTTrainer with two mends for what it leaves out: AdaLoRA's orthogonal regularisation in the training
+loss, and the adapter dtype TRL chose for a quantized base kept through a resume."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from trl import SFTTrainer
 
 
 class WorkbenchSFTTrainer(SFTTrainer):
-    """SFTTrainer whose training loss is what PEFT's model would report."""
+    """SFTTrainer whose training loss is what PEFT's model would report, and whose resume is faithful."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         peft_model = getattr(self.model, "base_model", None)
@@ -28,6 +29,15 @@ class WorkbenchSFTTrainer(SFTTrainer):
         if return_outputs:
             return result[0] + term / steps, result[1]
         return result + term / steps
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # PEFT's load_adapter upcasts the adapter to fp32 (autocast_adapter_dtype), undoing TRL's bf16 cast for a
+        # quantized base: the resumed run would train and save another dtype than the uninterrupted one.
+        dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
 
 
 @contextmanager
