@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -191,13 +190,3 @@ def test_flash_attention_without_the_package_names_the_install() -> None:
     problems = hardware_problems(cfg, cuda=True, gpu_count=1, bf16_ok=True, tf32_ok=True)
     assert any(p.startswith("model.attn_implementation:") and "pip install flash-attn" in p for p in problems)
     assert hardware_problems(build_config({}), cuda=True, gpu_count=1, bf16_ok=True, tf32_ok=True) == []
-
-
-@pytest.mark.skipif(
-    not os.environ.get("LWB_COMPILE_TEST"),
-    reason="torch.compile's first compile of the tiny model takes ~80 s on 2 CPU cores (inductor C++ codegen), "
-    "over this file's budget; set LWB_COMPILE_TEST=1 to run it",
-)
-def test_torch_compile_trains_two_steps(make_config) -> None:
-    lines = train(make_config, {"torch_compile": True, "max_steps": 2, "save_steps": 100})
-    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
