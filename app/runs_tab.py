@@ -10,7 +10,7 @@ import gradio as gr
 from app import plots
 from app.context import AppContext
 from trainer.jobs import log_tail
-from trainer.runs_index import COLUMNS, config_diff, loss_curves, read_config, zip_adapter
+from trainer.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
 from trainer.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 
 
@@ -58,6 +58,15 @@ def open_run(ctx: AppContext, run_id: str | None) -> tuple[str, str, str]:
     return read("config.yaml", ""), log_tail(path, 200), card
 
 
+def zip_note(run_id: str, skipped: list[str]) -> str:
+    """What the page says after zipping an adapter, naming any symlinks left out of the download."""
+    note = f"Adapter of `{run_id}` zipped."
+    if skipped:
+        shown = ", ".join(f"`{name}`" for name in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        note += f" Left out (symlinks or special files, not part of the saved adapter): {shown}."
+    return note
+
+
 def submit_evaluate(ctx: AppContext, run_id: str | None) -> str:
     """Queue `lora-workbench evaluate` for a finished run (base vs adapter on its held-out data)."""
     path = ctx.run_path(run_id) if run_id else None
@@ -65,7 +74,7 @@ def submit_evaluate(ctx: AppContext, run_id: str | None) -> str:
         return "Pick a run first."
     if not (path / "adapter" / "adapter_config.json").is_file():
         return f"`{run_id}` has no saved adapter yet; evaluate it when it has finished."
-    if not read_config(path).get("data", {}).get("eval_source"):
+    if not config_section(read_config(path), "data").get("eval_source"):
         return f"`{run_id}` has no held-out data (data.eval_source); run `lora-workbench evaluate` with --data."
     job_id = ctx.manager.submit_side_job("evaluate", [str(path)], name=run_id)
     ctx.manager.tick()
@@ -179,9 +188,10 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         if path is None:
             return gr.skip(), "Pick a run first."
         try:
-            return str(zip_adapter(path, ctx.downloads_dir)), f"Adapter of `{run_id}` zipped."
+            made = adapter_zip(path, ctx.downloads_dir)
         except FileNotFoundError as e:
             return gr.skip(), str(e)
+        return str(made.path), zip_note(run_id, made.skipped)
 
     opened.change(make_zip, inputs=opened, outputs=[download, note])
 

@@ -1,5 +1,6 @@
 """Property-based fuzzing: whatever a user feeds the config loader or the dataset readers and converters, the
-answer is a RunConfig / examples or a clear ConfigError / DataError that names where, never a traceback."""
+answer is a RunConfig / examples or a clear ConfigError / DataError that names where, never a traceback; whatever
+lies in a run's status.json or metrics.jsonl, every reader of the runs dir still lists the other runs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app import plots
+from trainer.chat_sources import adapter_choices
 from trainer.config import ConfigError, DataSection
 from trainer.data import load_examples
 from trainer.data_files import DataError
+from trainer.jobs import JobManager
+from trainer.metrics_reader import NUMBER_KEYS
+from trainer.monitor import RunWatch, explain_failure, progress
 from trainer.presets import load_config
+from trainer.run_dir import FINAL_STATES, STATES, RunDir, StatusError, load_status
+from trainer.runs_index import SummaryCache, loss_curves, summarize
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -131,3 +139,106 @@ def test_any_file_bytes_give_rows_or_a_data_error(tmp_path_factory, raw, suffix)
     path = tmp_path_factory.mktemp("raw") / f"file{suffix}"
     path.write_bytes(raw)
     _examples(path)
+
+
+# --- the runs dir: status.json and metrics.jsonl as any process, editor or disk fault may leave them -----------
+STATUS_KEYS = ["state", "pid", "started_at", "ended_at", "exit_code", "error", "step", "max_steps", "failure", "phase"]
+status_docs = (
+    st.dictionaries(st.sampled_from([*STATUS_KEYS, "bogus"]), values | st.sampled_from(STATES), max_size=6) | values
+)
+METRIC_KINDS = st.sampled_from(["train", "eval", "system", "event"])
+gpu_entry = st.dictionaries(st.sampled_from(["index", "mem_used_gb", "mem_total_gb", "util_percent"]), values)
+metric_line = st.fixed_dictionaries(
+    {"step": st.integers(0, 50) | values, "time": st.floats(0, 2e9) | values, "kind": METRIC_KINDS | values},
+    optional={k: st.floats(0, 10) | values for k in NUMBER_KEYS}
+    | {"event": st.sampled_from(["start", "memory_estimate"]) | values, "gpus": st.lists(gpu_entry, max_size=2)},
+)
+
+
+def _runs_dir_with(tmp: Path, status: bytes | None = None, metrics: bytes | None = None) -> Path:
+    """A runs dir with one good finished run and one run "fuzz" whose files hold what was drawn."""
+    runs = tmp / "runs"
+    for name in ("good", "fuzz"):
+        run = RunDir(runs / name)
+        run.path.mkdir(parents=True)
+        run.config.write_text("adapter: {method: lora, r: 4}\n", encoding="utf-8")
+        run.write_status(state="completed", step=1, max_steps=1, started_at=1.0, ended_at=2.0, exit_code=0)
+        run.append_metric("train", 1, loss=1.0, tokens_per_second=5.0)
+        run.close()
+        run.adapter.mkdir()
+        (run.adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    if status is not None:
+        (runs / "fuzz" / "status.json").write_bytes(status)
+    if metrics is not None:
+        (runs / "fuzz" / "metrics.jsonl").write_bytes(metrics)
+    return runs
+
+
+def _every_reader_survives(runs: Path) -> None:
+    """Startup adoption, the Runs table, the monitor, the chat/export lists, then a queue tick that
+    settles the fuzzed run as a dead running job: none raises, the good run is always listed."""
+    fuzz, reason = runs / "fuzz", ""
+    try:
+        status = load_status(fuzz)
+    except StatusError as e:
+        status, reason = None, str(e)
+        assert reason.startswith("status.json")
+    manager = JobManager(runs)
+    skipped = manager.adopt_runs_on_disk()
+    assert ("fuzz" in {j.id for j in manager.registry.all()}) == (
+        status is not None and status["state"] in FINAL_STATES
+    )
+    assert bool(skipped) == (status is None and (fuzz / "status.json").exists())
+    rows = {j.id: SummaryCache().get(j).row() for j in manager.registry.all()}
+    assert rows["good"][4] == "completed"
+    row = summarize(fuzz).row()
+    assert row[4] == (status or {}).get("state", "unknown") or row[4] == f"unreadable: {reason}"
+    watch = RunWatch(fuzz)
+    watch.poll()
+    progress(watch.status).text()
+    explain_failure(watch.status, "log")
+    loss_curves(fuzz)
+    assert str(runs / "good" / "adapter") in [path for _, path in adapter_choices(manager.registry.all())]
+    if "fuzz" not in rows:
+        manager.registry.add("fuzz", None, "train", fuzz / "config.yaml", fuzz, state="running")
+    manager.registry.update("fuzz", state="running", pid=None, proc_start=None)
+    manager.tick()  # its process is gone: the state it wrote if that is a final one, else failed
+    final = status is not None and status["state"] in FINAL_STATES
+    assert manager.registry.get("fuzz").state == (status["state"] if final else "failed")
+
+
+@FUZZ
+@given(doc=status_docs)
+def test_any_status_json_leaves_every_reader_standing(tmp_path_factory, doc):
+    text = json.dumps(doc, default=str, allow_nan=True)
+    _every_reader_survives(_runs_dir_with(tmp_path_factory.mktemp("st"), status=text.encode("utf-8", "replace")))
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200))
+def test_any_status_bytes_leave_every_reader_standing(tmp_path_factory, raw):
+    _every_reader_survives(_runs_dir_with(tmp_path_factory.mktemp("sb"), status=raw))
+
+
+@FUZZ
+@given(lines=st.lists(metric_line | values, max_size=6), tail=st.binary(max_size=40))
+def test_any_metrics_lines_leave_every_reader_standing(tmp_path_factory, lines, tail):
+    text = "".join(json.dumps(line, default=str, allow_nan=True) + "\n" for line in lines)
+    _every_reader_survives(_runs_dir_with(tmp_path_factory.mktemp("m"), metrics=text.encode() + tail))
+
+
+@settings(FUZZ, max_examples=25)  # a plotly figure costs ~0.1 s: fewer cases, the same lines
+@given(lines=st.lists(metric_line, max_size=6))
+def test_any_metrics_lines_plot(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("plot") / "metrics.jsonl"
+    path.write_text("".join(json.dumps(line, default=str, allow_nan=True) + "\n" for line in lines))
+    watch = RunWatch(path.parent)
+    watch.poll()
+    for figure in (plots.loss_figure, plots.optim_figure, plots.speed_figure, plots.memory_figure):
+        figure(watch.series)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300))
+def test_any_metrics_bytes_leave_every_reader_standing(tmp_path_factory, raw):
+    _every_reader_survives(_runs_dir_with(tmp_path_factory.mktemp("mb"), metrics=raw))

@@ -9,7 +9,7 @@ from pathlib import Path
 from trainer.adapter_source import AdapterError
 from trainer.paths import inside_roots, refusal
 from trainer.registry import Job
-from trainer.runs_index import read_config
+from trainer.runs_index import config_section, read_config
 
 
 def run_adapter(run_path: Path) -> Path | None:
@@ -30,7 +30,7 @@ def adapter_choices(jobs: list[Job]) -> list[tuple[str, str]]:
         path = run_adapter(Path(job.run_dir))
         if path is None:
             continue
-        method = read_config(Path(job.run_dir)).get("adapter", {}).get("method", "?")
+        method = config_section(read_config(Path(job.run_dir)), "adapter").get("method", "?")
         where = "" if path.name == "adapter" else f" @ {path.name}"
         choices.append((f"{job.id}{where} ({method}, {job.state})", str(path)))
     return choices

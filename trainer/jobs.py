@@ -23,7 +23,7 @@ from trainer.config import RunConfig
 from trainer.launch import train_argv
 from trainer.log_tee import CAPTURED_ENV
 from trainer.registry import Job, Registry
-from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status, write_json_atomic
+from trainer.run_dir import FINAL_STATES, RunDir, StatusError, load_status, new_run_id, read_status, write_json_atomic
 
 STOP_GRACE_S = 30.0
 SIDE_KINDS = ("export", "evaluate", "preflight")
@@ -42,7 +42,7 @@ def log_tail(run_dir: Path, lines: int = 30, name: str = "train.log") -> str:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 16384))
             return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
-    except FileNotFoundError:
+    except OSError:  # no log yet, or its run dir was removed
         return ""
 
 
@@ -124,8 +124,10 @@ class JobManager:
             for job in self.registry.all("running"):
                 self._reconcile(job)
             running = len(self.registry.all("running"))
-            for job in self.registry.all("queued")[: max(0, self.max_running - running)]:
-                self._launch(job)
+            for job in self.registry.all("queued"):
+                if running >= self.max_running:
+                    break
+                running += self._launch(job)  # one that cannot start does not take a slot
 
     def _argv(self, job: Job) -> list[str]:
         """The job's command line: always a list (no shell), built from files this server wrote."""
@@ -134,7 +136,20 @@ class JobManager:
         request = json.loads(Path(job.config_path).read_text(encoding="utf-8"))
         return [sys.executable, "-m", "trainer", job.kind, *request["args"], "--status-dir", job.run_dir]
 
-    def _launch(self, job: Job) -> None:
+    def _launch(self, job: Job) -> bool:
+        """Start a queued job; one that cannot start (its dir removed, its request unreadable) is failed, so the
+        jobs behind it still start. True if it started."""
+        if not Path(job.run_dir).is_dir():
+            self._settle(job, "failed", "run directory removed before the job started")
+            return False
+        try:
+            self._spawn(job)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # job.json unreadable or malformed, no executable
+            self._settle(job, "failed", f"the {job.kind} job could not start: {type(e).__name__}: {e}")
+            return False
+        return True
+
+    def _spawn(self, job: Job) -> None:
         env = {**os.environ, CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1"}
         argv = self._argv(job)
         with open(log_file(job), "ab") as log:
@@ -156,14 +171,14 @@ class JobManager:
         child = self._children.get(job.id)
         if child is not None:
             if child.poll() is None:
-                return
+                return self._stop_if_removed(job)
             del self._children[job.id]
             exit_code = child.returncode
         elif is_our_process(job):
-            return
+            return self._stop_if_removed(job)
         else:
             exit_code = None
-        status = read_status(Path(job.run_dir)) or {}
+        status = read_status(Path(job.run_dir)) or {}  # an unreadable one is no final state: the job died
         if status.get("state") in FINAL_STATES:
             self.registry.update(
                 job.id,
@@ -175,10 +190,17 @@ class JobManager:
             return
         self._mark_dead(job, exit_code)
 
+    def _stop_if_removed(self, job: Job) -> None:
+        """A live job whose directory was removed can save nothing: stop it (once), so its slot frees up."""
+        if job.stop_requested is None and not Path(job.run_dir).is_dir():
+            self.stop(job.id)
+
     def _mark_dead(self, job: Job, exit_code: int | None) -> None:
         """The process ended without writing a final state (killed, crashed hard): say so, with the log tail."""
         log = log_file(job)
-        if job.stop_requested and job.kind == "train":
+        if not Path(job.run_dir).is_dir():
+            state, error = "failed", f"run directory removed ({job.run_dir}) while the job ran"
+        elif job.stop_requested and job.kind == "train":
             state, error = "stopped", "killed after not stopping within the grace period; adapter not saved"
         elif job.stop_requested:
             state, error = "stopped", f"{job.kind} stopped by the user"
@@ -187,9 +209,16 @@ class JobManager:
             process = "training" if job.kind == "train" else job.kind
             state, error = "failed", f"the {process} process died ({how}). Last lines of {log.name}:\n"
             error += log_tail(log.parent, name=log.name)
-        run = RunDir(Path(job.run_dir))
-        run.write_status(state=state, error=error, exit_code=exit_code, ended_at=time.time())
-        self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=time.time())
+        self._settle(job, state, error, exit_code)
+
+    def _settle(self, job: Job, state: str, error: str, exit_code: int | None = None) -> None:
+        """A final state the job's process did not write itself: into its status.json and the registry."""
+        now = time.time()
+        try:
+            RunDir(Path(job.run_dir)).write_status(state=state, error=error, exit_code=exit_code, ended_at=now)
+        except FileNotFoundError:  # its directory was removed: the registry alone keeps the outcome
+            pass
+        self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=now)
 
     def reattach(self) -> None:
         """After a server restart: keep jobs whose process still runs, settle the ones that ended meanwhile."""
@@ -206,10 +235,7 @@ class JobManager:
             if job is None or job.state in FINAL_STATES:
                 return
             if job.state == "queued":
-                RunDir(Path(job.run_dir)).write_status(
-                    state="stopped", ended_at=time.time(), error="stopped before it started"
-                )
-                self.registry.update(job_id, state="stopped", ended_at=time.time(), error="stopped before it started")
+                self._settle(job, "stopped", "stopped before it started")
                 return
             self.registry.update(job_id, stop_requested=time.time())
             if not (job.id in self._children or is_our_process(job)):
@@ -246,12 +272,20 @@ class JobManager:
             raise ValueError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
         self.registry.update(job_id, name=name)
 
-    def adopt_runs_on_disk(self) -> None:
-        """Register run directories made by `lora-workbench train` outside the UI."""
-        known = {j.id for j in self.registry.all()}
+    def adopt_runs_on_disk(self) -> list[str]:
+        """Register finished run directories made by `lora-workbench train` outside the UI. A directory whose
+        status.json cannot be used is left alone and named, with the reason, in the returned (and printed) list."""
+        known, skipped = {j.id for j in self.registry.all()}, []
         for path in sorted(self.runs_dir.iterdir()):
-            status = read_status(path) if path.is_dir() else None
-            if status is None or path.name in known or status.get("state") not in FINAL_STATES:
+            if path.name in known or not path.is_dir():
+                continue
+            try:
+                status = load_status(path)
+            except StatusError as e:
+                skipped.append(f"{path}: not listed: {e}")
+                print(skipped[-1], file=sys.stderr, flush=True)
+                continue
+            if status is None or status["state"] not in FINAL_STATES:
                 continue
             self.registry.add(path.name, None, "train", path / "config.yaml", path, state=status["state"])
             self.registry.update(
@@ -261,6 +295,7 @@ class JobManager:
                 started_at=status.get("started_at"),
                 ended_at=status.get("ended_at"),
             )
+        return skipped
 
     # --- the background thread --------------------------------------------------------------------------
     def start(self, interval_s: float = 1.0) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.metrics_reader import MetricsTail
-from trainer.run_dir import FINAL_STATES, read_status
+from trainer.run_dir import FINAL_STATES, file_stamp, status_or_reason
 
 MEMORY_KEYS = ("gpu_mem_allocated_gb", "gpu_mem_reserved_gb", "gpu_mem_peak_gb", "gpu_mem_total_gb", "cpu_rss_gb")
 
@@ -54,21 +54,21 @@ class RunWatch:
         self.series = Series()
         self.status: dict[str, Any] = {}
         self.version = 0  # bumps whenever something a page shows changed
-        self._status_mtime: int | None = None
+        self._status_stamp: tuple[int, int, int] | None = (-1, -1, -1)  # never a real stamp: the first poll reads
 
     def poll(self) -> bool:
-        changed = False
-        for line in self._tail.poll():
+        generation = self._tail.generation
+        new = self._tail.poll()
+        if self._tail.generation != generation:  # metrics.jsonl was rewritten: rebuild, dropping what it held
+            self.series, new = Series(), self._tail.lines
+        changed = bool(new) or self._tail.generation != generation
+        for line in new:
             self.series.add(line)
-            changed = True
-        try:
-            mtime = (self.path / "status.json").stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        if mtime != self._status_mtime:
-            self._status_mtime = mtime
-            self.status = read_status(self.path) or {}
-            changed = True
+        stamp = file_stamp(self.path / "status.json")
+        if stamp != self._status_stamp:
+            self._status_stamp = stamp
+            status, self.status = self.status, status_or_reason(self.path)
+            changed = changed or status != self.status
         self.version += changed
         return changed
 

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,97 @@ def new_run_id(run_name: str | None, runs_dir: Path) -> str:
     return run_id
 
 
-def read_status(run_path: Path) -> dict[str, Any] | None:
+class StatusError(ValueError):
+    """A status.json that is there but cannot be used; the message says why (never the file's raw content)."""
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _is_time(value: Any) -> bool:
+    # bounded, so that durations and ETAs computed from it stay finite floats
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e11
+
+
+STATUS_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "state": (lambda v: isinstance(v, str) and v in STATES, "one of " + "|".join(STATES)),
+    "pid": (lambda v: _is_int(v, 0, 2**31), "a process id"),
+    "started_at": (_is_time, "a unix time in seconds"),
+    "ended_at": (_is_time, "a unix time in seconds"),
+    "exit_code": (lambda v: _is_int(v, -(2**31), 2**31), "an exit code"),
+    "error": (lambda v: isinstance(v, str), "text"),
+    "phase": (lambda v: isinstance(v, str), "text"),
+    "step": (lambda v: _is_int(v, 0, 2**53), "a whole number of steps"),
+    "max_steps": (lambda v: _is_int(v, 0, 2**53), "a whole number of steps"),
+    "failure": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words (for messages that must not echo a file's content)."""
+    kinds = [(bool, "true/false"), (str, "text"), (int | float, "a number"), (list, "a list"), (dict, "an object")]
+    return next((name for t, name in kinds if isinstance(value, t)), "null")
+
+
+def check_status(data: Any) -> dict[str, Any]:
+    """The status object if every field the contract names has its type (null allowed but for state)."""
+    if not isinstance(data, dict):
+        raise StatusError(f"status.json holds {json_kind(data)}, expected an object")
+    if data.get("state") is None:
+        raise StatusError("status.json has no state")
+    for key, (ok, expected) in STATUS_FIELDS.items():
+        if data.get(key) is not None and not ok(data[key]):
+            raise StatusError(f"status.json: {key} must be {expected} (found {json_kind(data[key])})")
+    return data
+
+
+def load_status(run_path: Path) -> dict[str, Any] | None:
+    """A run's checked status.json; None when it has none; StatusError naming the reason when it is unusable."""
     try:
-        return json.loads((run_path / "status.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        raw = (run_path / "status.json").read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise StatusError(f"status.json cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StatusError("status.json is not UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StatusError(f"status.json is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (ValueError, RecursionError):  # a number of thousands of digits, or nesting past the parser's depth
+        raise StatusError("status.json holds a number or nesting too large to be a status") from None
+    return check_status(data)
+
+
+def read_status(run_path: Path) -> dict[str, Any] | None:
+    """A run's status.json, or None when it is missing or unusable (load_status says why)."""
+    try:
+        return load_status(run_path)
+    except StatusError:
+        return None
+
+
+def status_or_reason(run_path: Path) -> dict[str, Any]:
+    """For views: the status, {} when there is none yet, or {"state": "unreadable: <why>"}."""
+    if not run_path.is_dir():
+        return {"state": "unreadable: run directory removed"}
+    try:
+        return load_status(run_path) or {}
+    except StatusError as e:
+        return {"state": f"unreadable: {e}"}
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file: a replaced one (atomic write) has another inode, an edited one another mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class RunDir:

@@ -6,8 +6,10 @@ re-reads only the ones that changed.
 
 from __future__ import annotations
 
-import shutil
+import os
+import tempfile
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import yaml
 
 from trainer.metrics_reader import MetricsTail
 from trainer.registry import Job
-from trainer.run_dir import FINAL_STATES, read_metrics, read_status
+from trainer.run_dir import FINAL_STATES, file_stamp, read_metrics, status_or_reason
 
 COLUMNS = [
     "run",
@@ -76,16 +78,23 @@ def _round(value: float | None, digits: int = 4) -> float | str:
 
 
 def read_config(run_path: Path) -> dict[str, Any]:
+    """A run's config.yaml as a dict for display, {} when it is missing or not a YAML mapping."""
     try:
         data = yaml.safe_load((run_path / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def config_section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """One section of a config read for display; {} when it is missing or not a mapping."""
+    section = cfg.get(name)
+    return section if isinstance(section, dict) else {}
+
+
 def method_label(cfg: dict[str, Any]) -> str:
     """'lora r16', 'qlora r16 (4bit nf4)', ... from a config dict."""
-    adapter, quant = cfg.get("adapter") or {}, cfg.get("quantization") or {}
+    adapter, quant = config_section(cfg, "adapter"), config_section(cfg, "quantization")
     method, mode = adapter.get("method", "lora"), quant.get("mode", "none")
     label = f"{'q' + method if mode == '4bit' and method == 'lora' else method} r{adapter.get('r', '?')}"
     if mode == "4bit":
@@ -97,7 +106,7 @@ def method_label(cfg: dict[str, Any]) -> str:
 
 def summarize(run_path: Path, name: str | None = None, lines: list[dict[str, Any]] | None = None) -> RunSummary:
     """One run's row; lines: its metrics lines when the caller already has them (default: read the file)."""
-    status = read_status(run_path) or {}
+    status = status_or_reason(run_path)
     cfg = read_config(run_path)
     lines = read_metrics(run_path / "metrics.jsonl") if lines is None else lines
     train = [m for m in lines if m["kind"] == "train" and m.get("loss") is not None]
@@ -110,8 +119,8 @@ def summarize(run_path: Path, name: str | None = None, lines: list[dict[str, Any
     started, ended = status.get("started_at"), status.get("ended_at")
     return RunSummary(
         run_id=run_path.name,
-        name=name or (cfg.get("output") or {}).get("run_name") or "",
-        model=str((cfg.get("model") or {}).get("name_or_path", "")),
+        name=name or str(config_section(cfg, "output").get("run_name") or ""),
+        model=str(config_section(cfg, "model").get("name_or_path", "")),
         method=method_label(cfg),
         state=status.get("state", "unknown"),
         step=int(status.get("step") or 0),
@@ -138,29 +147,21 @@ class SummaryCache:
 
     def get(self, job: Job) -> RunSummary:
         path = Path(job.run_dir)
-        stamps = [_stamp(path / f) for f in ("status.json", "metrics.jsonl", "config.yaml")]
+        stamps = [file_stamp(path / f) for f in ("status.json", "metrics.jsonl", "config.yaml")]
         key = (job.name, *stamps)
         with self._lock:
             hit = self._cache.get(path)
             if hit and hit[0] == key:
                 return hit[1]
             tail = self._tails.get(path)
-            if tail is None or (stamps[1] or (0, 0))[1] < tail.offset:  # new, or the file was replaced
+            if tail is None or (stamps[1] or (0, 0, 0))[2] < tail.offset:  # new, or the file was replaced
                 tail = self._tails[path] = MetricsTail(path / "metrics.jsonl")
-            tail.poll()
+            tail.poll()  # an edited file is read again from its start too
             summary = summarize(path, job.name, tail.lines)
             self._cache[path] = (key, summary)
             if summary.state in FINAL_STATES:  # it will not grow: keep its row, not its lines
                 del self._tails[path]
         return summary
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-        return st.st_mtime_ns, st.st_size
-    except FileNotFoundError:
-        return None
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -191,14 +192,50 @@ def _show(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def zip_adapter(run_path: Path, out_dir: Path) -> Path:
-    """<out_dir>/<run_id>-adapter.zip of the run's adapter/ directory (made fresh each time)."""
+@dataclass(frozen=True)
+class AdapterZip:
+    path: Path
+    skipped: list[str]  # entries left out (symlinks, special files), relative to adapter/
+
+
+def adapter_zip(run_path: Path, out_dir: Path) -> AdapterZip:
+    """<out_dir>/<run_id>-adapter.zip of the regular files that really lie in the run's adapter/ (made fresh each
+    time). Symlinks are skipped, not followed: a link to a secret must not end up in a download."""
     adapter = run_path / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run_path.name} has no saved adapter (adapter/adapter_config.json is missing)")
+    if adapter.is_symlink():
+        raise FileNotFoundError(f"{run_path.name}/adapter is a symlink: only an adapter saved in the run is zipped")
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"{run_path.name}-adapter"
-    return Path(shutil.make_archive(str(base), "zip", root_dir=adapter))
+    out = out_dir / f"{run_path.name}-adapter.zip"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{out.name}.", suffix=".tmp")  # one per caller: no clash
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            skipped = _zip_tree(z, adapter)
+        os.replace(tmp, out)  # a download in progress never sees a half-written zip
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return AdapterZip(out, skipped)
+
+
+def _zip_tree(z: zipfile.ZipFile, root: Path) -> list[str]:
+    """Write root's regular files into z; returns what was left out (symlinks, sockets, fifos)."""
+    skipped = []
+    for top, dirs, files in os.walk(root):  # does not descend into symlinked dirs
+        for name in sorted(dirs + files):
+            path = Path(top) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                skipped.append(rel)
+            elif path.is_file():
+                z.write(path, rel)
+    return sorted(skipped)
+
+
+def zip_adapter(run_path: Path, out_dir: Path) -> Path:
+    """adapter_zip's file, for callers that do not report what was skipped."""
+    return adapter_zip(run_path, out_dir).path
 
 
 def loss_curves(run_path: Path) -> dict[str, list[Any]]:
