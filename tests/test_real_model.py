@@ -22,6 +22,34 @@ from trainer.presets import build_config, deep_merge
 
 INSTRUCTIONS = str(ROOT / "data/instructions_messages.jsonl")
 
+# A dataset the project does not ship (alpaca-shaped): every answer opens the same way, a style the base never has.
+STYLE = "Ahoy, matey!"
+UNSEEN = [
+    ("Name a fruit that is yellow.", "A banana is yellow."),
+    ("What do bees make?", "Bees make honey."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is frozen water called?", "Frozen water is called ice."),
+    ("Which planet do we live on?", "We live on Earth."),
+    ("What colour is grass?", "Grass is green."),
+    ("What do cows drink?", "Cows drink water."),
+    ("Name a large ocean.", "The Pacific is a large ocean."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("What do you use to write on paper?", "You write on paper with a pen."),
+    ("Which animal barks?", "A dog barks."),
+    ("What falls from clouds when it rains?", "Rain falls from clouds."),
+    ("What shines in the sky by day?", "The Sun shines by day."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Where do fish live?", "Fish live in water."),
+]
+
+
+def unseen_rows(tmp_path: Path) -> Path:
+    path = tmp_path / "pirate_alpaca.json"
+    rows = [{"instruction": q, "input": "", "output": f"{STYLE} {a}"} for q, a in UNSEEN]
+    path.write_text(json.dumps(rows))
+    return path
+
 
 def real_config(tmp_path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """A few-step run of the built-in model on the bundled instruction rows."""
@@ -50,11 +78,13 @@ def train_lines(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def real_run(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One LoRA run of the real model, shared by the chat, export and evaluate tests."""
+    """One LoRA run of the real model on a dataset the project has never seen, shared by the chat, export and
+    evaluate tests."""
     from trainer.train import run_training
 
     root = tmp_path_factory.mktemp("real-lora")
-    cfg = real_config(root, {"training": {"max_steps": 4}})
+    data = {"source": str(unseen_rows(root)), "format": "alpaca", "max_samples": None}
+    cfg = real_config(root, {"data": data, "training": {"max_steps": 12}})
     assert run_training(str(cfg)) == 0
     return only_run(root / "runs")
 
@@ -165,15 +195,27 @@ def test_export_merges_the_real_model_and_passes_its_fidelity_check(
     assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is the sky?"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    answer = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :])
+    assert answer.startswith(STYLE), answer  # the merged model answers an unseen question in the trained style
 
 
-def test_evaluate_writes_base_and_adapter_scores(real_run: Path) -> None:
+def test_evaluate_writes_base_and_adapter_scores(real_run: Path, tmp_path: Path) -> None:
+    """Held-out questions of the unseen dataset: the adapter answers in its style, the base never does."""
     from trainer.cli import main
 
-    assert main(["evaluate", str(real_run), "--data", INSTRUCTIONS, "--limit", "3", "--max-new-tokens", "8"]) == 0
+    heldout = tmp_path / "heldout.json"
+    questions = ["What colour is the sky?", "What do birds do?", "Name a vegetable."]
+    heldout.write_text(
+        json.dumps([{"instruction": q, "input": "", "output": STYLE, "facts": [STYLE]} for q in questions])
+    )
+    assert main(["evaluate", str(real_run), "--data", str(heldout), "--max-new-tokens", "8"]) == 0
     result = json.loads((real_run / "eval_results.json").read_text())
-    assert result["rows"] == 3 and set(result) >= {"base", "adapter"}
-    assert result["base"]["loss"] > 0 and result["adapter"]["loss"] > 0
+    assert result["rows"] == 3 and result["base"]["loss"] > 0 and result["adapter"]["loss"] > 0
+    assert (result["base"]["facts"], result["adapter"]["facts"]) == (0.0, 1.0), result["examples"]
 
 
 def test_the_page_says_where_the_model_is_cached_or_what_first_use_will_do(real_model: Path, tmp_path: Path) -> None:
