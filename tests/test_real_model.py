@@ -267,3 +267,18 @@ def test_the_preview_never_builds_the_model_in_the_page(tmp_path: Path, monkeypa
         time.sleep(0.5)
     again = preview_data(cfg, n_rows=0).errors
     assert "The last attempt ended with" in again[0] and "sha256" in again[0], again
+
+
+def test_a_cut_or_unfinished_checkpoint_is_not_taken_as_cached(real_model: Path, tmp_path: Path) -> None:
+    """The conversion records each file's size last; a copy cut short (a full disk, a killed copy) is rebuilt."""
+    from trainer.builtin_models import MANIFEST, checkpoint_problem
+
+    assert checkpoint_problem(real_model) is None  # the session's own conversion wrote its sizes
+    target = tmp_path / SMOLLM2.dir_name
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"x" * 100)
+    assert MANIFEST in checkpoint_problem(target)  # both files there, but no record that the conversion finished
+    (target / MANIFEST).write_text(json.dumps({"config.json": 2, "model.safetensors": 1000}))
+    assert "model.safetensors is 100 bytes, the conversion wrote 1000 bytes" in checkpoint_problem(target)
+    assert cached_dir(SMOLLM2, tmp_path) is None

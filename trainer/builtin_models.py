@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -74,10 +75,27 @@ def cache_root(runs_dir: str | Path) -> Path:
     return Path(env) if env else Path(runs_dir) / ".cache"
 
 
+MANIFEST = ".complete.json"  # written last by the conversion: each file's size, so a truncated copy is caught
+
+
+def checkpoint_problem(target: Path) -> str | None:
+    """Why the converted checkpoint at target is not usable (missing, unfinished, a file cut or changed), or None."""
+    try:
+        sizes = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{target} has no complete conversion ({MANIFEST} missing or unreadable)"
+    for name, size in sizes.items():
+        path = target / name
+        if not path.is_file() or path.stat().st_size != size:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            return f"{path} is {found}, the conversion wrote {size} bytes"
+    return None
+
+
 def cached_dir(spec: BuiltinModel, cache: Path) -> Path | None:
-    """The converted checkpoint if it is complete, else None (no work done)."""
+    """The converted checkpoint if it is complete (every file the size the conversion wrote), else None."""
     target = cache / spec.dir_name
-    return target if (target / "config.json").is_file() and (target / "model.safetensors").is_file() else None
+    return target if checkpoint_problem(target) is None else None
 
 
 def dir_size_mb(path: Path) -> float:
@@ -99,6 +117,8 @@ def ensure_builtin(spec: BuiltinModel, cache: Path, log: Log = print_log) -> Pat
             return done
         for stale in cache.glob(f".{spec.dir_name}.partial-*"):  # left by a killed conversion; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
+        if (cache / spec.dir_name).exists():
+            log(f"{spec.model_id}: rebuilding: {checkpoint_problem(cache / spec.dir_name)}")
         gguf = locate_gguf(spec, cache, log)
         extracted = gguf.is_relative_to(cache)
         try:
@@ -218,6 +238,8 @@ def convert(spec: BuiltinModel, gguf: Path, target: Path, log: Log) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)  # only an incomplete earlier attempt (cached_dir said so); we hold the lock
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the UI and its jobs (and containers)
