@@ -109,6 +109,8 @@ def test_evaluate_refuses_runs_without_an_adapter_or_held_out_data(ctx: AppConte
 def test_progress_and_fidelity_text(tmp_path: Path):
     write_json_atomic(tmp_path / "status.json", {"state": "running", "step": 1, "max_steps": 4, "phase": "merging"})
     assert progress_md(job_in(tmp_path, "export", "running")).endswith("running, step 2/4: merging")
+    write_json_atomic(tmp_path / "status.json", {"state": "running", "step": 4, "max_steps": 4, "phase": "done"})
+    assert progress_md(job_in(tmp_path, "export", "running")).endswith("running, finishing")  # never "step 5/4"
     assert "boom" in progress_md(job_in(tmp_path, "export", "failed", error="boom"))
     report = {
         "out": "/x/merged",

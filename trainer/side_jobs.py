@@ -46,7 +46,10 @@ def progress_md(job: Job) -> str:
     if job.state == "queued":
         return head + " (waits for the job ahead of it)"
     if job.state == "running":
-        return head + f", step {status.get('step', 0) + 1}/{status.get('max_steps') or '?'}: {status.get('phase', '')}"
+        done, total = status.get("step", 0), status.get("max_steps")
+        if total and done >= total:  # every phase done; the registry settles it on the next tick
+            return head + ", finishing"
+        return head + f", step {done + 1}/{total or '?'}: {status.get('phase', '')}"
     if job.state == "failed":
         return head + f"\n\n```\n{(job.error or status.get('error') or '').strip()[:2000]}\n```"
     return head
