@@ -58,6 +58,19 @@ def load_models(
     return ctx.chat.describe(), False
 
 
+def target_dropdowns(ctx: AppContext) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """The panes' choices from what the shared engine holds: the left pane the base, the right the first adapter."""
+    targets = _targets(ctx)
+    right_default = targets[1] if len(targets) > 1 else BASE
+    return gr.Dropdown(choices=targets, value=BASE), gr.Dropdown(choices=targets, value=right_default)
+
+
+def held_view(ctx: AppContext) -> tuple[str, gr.Dropdown, gr.Dropdown]:
+    """A (re)loaded page's status line and pane choices: the engine is shared, so another page (or this one before
+    a reload) may have loaded a model, and the page must not pretend nothing is there."""
+    return ctx.chat.describe(), *target_dropdowns(ctx)
+
+
 def unload_models(ctx: AppContext) -> str:
     ctx.chat.unload()
     return ctx.chat.describe()
@@ -172,16 +185,11 @@ def build_chat_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     refresh.click(refresh_choices, inputs=picked, outputs=picked)
     demo.load(refresh_choices, inputs=picked, outputs=picked)
 
+    demo.load(lambda: held_view(ctx), outputs=[status, target_left, target_right])
+
     def on_load(p, t, b, q, c):
         text, awaiting = load_models(ctx, p or [], t, b, q, c)
-        targets = _targets(ctx)
-        right_default = targets[1] if len(targets) > 1 else BASE
-        return (
-            text,
-            awaiting,
-            gr.Dropdown(choices=targets, value=BASE),
-            gr.Dropdown(choices=targets, value=right_default),
-        )
+        return (text, awaiting, *target_dropdowns(ctx))
 
     load.click(
         on_load,
@@ -190,7 +198,11 @@ def build_chat_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         concurrency_limit=1,
         concurrency_id="chat-model",
     )
-    unload.click(lambda: unload_models(ctx), outputs=status, concurrency_id="chat-model")
+    unload.click(
+        lambda: (unload_models(ctx), *target_dropdowns(ctx)),
+        outputs=[status, target_left, target_right],
+        concurrency_id="chat-model",
+    )
     compare_on.change(lambda on: gr.Chatbot(visible=on), inputs=compare_on, outputs=left)
 
     def on_send(msg, lh, rh, on, tl, tr, *s):

@@ -56,3 +56,35 @@ def test_failures_are_shown_not_raised(ctx: AppContext, tmp_path: Path):
 def test_plain_flattens_gradio_message_parts():
     got = plain([{"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None}])
     assert got == [{"role": "user", "content": "hi"}]
+
+
+def page_load_outputs(ctx: AppContext) -> dict[str, object]:
+    """What a freshly (re)loaded page shows: the Chat tab built as the server builds it, every load handler run with
+    the components' initial values (as Gradio does on a page load); elem_id -> the value or update it returns."""
+    import gradio as gr
+
+    from app.chat_tab import build_chat_tab
+
+    with gr.Blocks() as demo:
+        build_chat_tab(demo, ctx)
+    shown: dict[str, object] = {}
+    for fn in demo.fns.values():
+        if any(trigger == "load" for _, trigger in fn.targets):
+            result = fn.fn(*[c.value for c in fn.inputs])
+            results = result if isinstance(result, tuple) else (result,)
+            shown.update({c.elem_id: r for c, r in zip(fn.outputs, results, strict=True)})
+    return shown
+
+
+def test_a_reloaded_page_shows_the_model_the_server_holds(ctx: AppContext, trained_adapter):
+    run = trained_adapter("lora")
+    load_models(ctx, [str(run / "adapter")], "", "", "as trained", False)  # loaded from another page
+    shown = page_load_outputs(ctx)
+    status = shown["chat-status"]
+    assert f"Adapters: {run.name} (lora)" in getattr(status, "value", status)
+    left, right = shown["chat-left-target"], shown["chat-right-target"]
+    assert [c[0] for c in left.choices] == [c[0] for c in right.choices] == [BASE, run.name]
+    assert (left.value, right.value) == (BASE, run.name)  # Send compares base with the adapter, not base with base
+    ctx.chat.unload()
+    shown = page_load_outputs(ctx)
+    assert "Nothing loaded" in getattr(shown["chat-status"], "value", shown["chat-status"])
