@@ -9,7 +9,8 @@ import gradio as gr
 
 from app import plots
 from app.context import AppContext
-from trainer.jobs import log_tail
+from app.log_widget import log_box
+from trainer.log_view import log_view
 from trainer.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
 from trainer.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 
@@ -55,7 +56,7 @@ def open_run(ctx: AppContext, run_id: str | None) -> tuple[str, str, str]:
             return default
 
     card = read("adapter/README.md", "_No model card yet: it is written with the adapter when the run ends._")
-    return read("config.yaml", ""), log_tail(path, 200), card
+    return read("config.yaml", ""), log_view(path, 200), card
 
 
 def zip_note(run_id: str, skipped: list[str]) -> str:
@@ -119,7 +120,7 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         with gr.Tab("config.yaml"):
             config = gr.Code(language="yaml", elem_id="run-config")
         with gr.Tab("train.log"):
-            log = gr.Code(language=None, elem_id="run-log", max_lines=40)
+            log = log_box("run-log", 20, 40)
         with gr.Tab("Model card"):
             card = gr.Markdown(elem_id="run-card")
         with gr.Tab("Evaluate"):

@@ -26,7 +26,7 @@ from trainer.jobs import JobManager
 from trainer.uploads import UPLOAD_LIMIT_MB
 
 AUTH_ENV = "LORA_WORKBENCH_AUTH"  # USER:PASS
-CSS = ".lwb-progress{margin:4px 0 8px} #estimate{min-height:3em}"
+CSS = ".lwb-progress{margin:4px 0 8px} #estimate{min-height:3em} .lwb-log textarea{font-family:monospace}"
 
 
 class LaunchError(ValueError):

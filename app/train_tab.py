@@ -11,12 +11,13 @@ import gradio as gr
 
 from app import plots
 from app.context import AppContext
+from app.log_widget import log_box
 from app.widgets import make_widget
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
 from trainer.form import FIELDS, GROUPS, apply_preset, cli_command, config_from_form, default_values
-from trainer.jobs import log_tail
+from trainer.log_view import log_view
 from trainer.model_configs import RemoteCodeRefused
 from trainer.monitor import explain_failure, progress
 from trainer.presets import list_presets, load_preset
@@ -218,7 +219,7 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) ->
     if unchanged:
         return [*[gr.skip()] * 8, new_seen, timer]
     s = watch.series
-    log = log_tail(path, 40)
+    log = log_view(path, 40)
     failure = explain_failure(watch.status, log)
     return [
         dropdown,
@@ -409,7 +410,7 @@ def _monitor_block() -> dict[str, Any]:
     with gr.Row():
         speed = gr.Plot(elem_id="speed-plot", show_label=False)
         memory = gr.Plot(elem_id="memory-plot", show_label=False)
-    log = gr.Code(label="train.log (last lines)", language=None, lines=10, max_lines=20, elem_id="log-tail")
+    log = log_box("log-tail", 10, 20, label="train.log (newest lines; repeats folded: [×N])")
     return {
         "run": run,
         "progress": progress_html,

@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import TextIO
 
 CAPTURED_ENV = "LORA_WORKBENCH_LOG_CAPTURED"  # set by the job runner, which redirects stdout+stderr itself
+BNB_CPU_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def quiet_unused_kernels(quantized: bool) -> None:
+    """Importing peft imports bitsandbytes, which on a CPU with AVX512-BF16 warns that it could not fetch its 4-bit
+    kernel ("Failed to load CPU gemm_4bit_forward from kernels-community"): the first line of every log. A run
+    that is not quantized never calls that kernel, so its log leaves the warning out (a QLoRA run keeps it)."""
+    if not quantized:
+        logging.getLogger(BNB_CPU_KERNELS_LOGGER).setLevel(logging.ERROR)
 
 
 class _Tee:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.launch import ONE_MACHINE, SHARDED, Machines, inside_launch, is_main_process, wants_launcher
-from trainer.log_tee import tee_to
+from trainer.log_tee import quiet_unused_kernels, tee_to
 from trainer.presets import load_config
 from trainer.run_dir import RunDir, new_run_id, read_status
 from trainer.stopping import RunStopped, StopRequest
@@ -475,6 +475,7 @@ def train_run(stop: StopRequest, path: Path, resume: bool, run_dir: str | None, 
         code = start_ranks(cfg, run, resume, machines, stop)
         if code is not None:
             return code  # else the run fails (or stops) below: this machine cannot launch it, or a stop came
+    quiet_unused_kernels(cfg.quantization.mode != "none")  # before Session imports peft (and bitsandbytes)
     s = Session(cfg, run, stop)
     with tee_to(run.log_file):
         print(f"run {run.run_id} in {run.path} (pid {os.getpid()})")

@@ -1,0 +1,19 @@
+"""The log view the Train and Runs tabs share: trainer/log_view.py's text in a box that follows the newest line."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+
+def log_box(elem_id: str, lines: int, max_lines: int, label: str | None = None) -> gr.Textbox:
+    """A read-only Textbox, not gr.Code: only a Textbox scrolls itself to the newest line as the log grows."""
+    return gr.Textbox(
+        label=label,
+        show_label=label is not None,
+        lines=lines,
+        max_lines=max_lines,
+        autoscroll=True,
+        interactive=False,
+        elem_id=elem_id,
+        elem_classes="lwb-log",  # monospace (app/server.py CSS), as a terminal shows it
+    )
