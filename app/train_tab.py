@@ -12,11 +12,22 @@ import gradio as gr
 from app import plots
 from app.context import AppContext
 from app.log_widget import log_box
-from app.widgets import make_widget
+from app.widgets import make_field, make_widget
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
 from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
-from trainer.form import FIELDS, GROUPS, apply_preset, cli_command, config_from_form, default_values
+from trainer.form import (
+    FIELDS,
+    GROUPS,
+    after_data_change,
+    apply_preset,
+    cli_command,
+    config_from_form,
+    default_form,
+    edited_after,
+    passes_warning,
+    shown_fields,
+)
 from trainer.log_view import log_view
 from trainer.model_configs import RemoteCodeRefused
 from trainer.monitor import explain_failure, progress
@@ -24,6 +35,20 @@ from trainer.presets import list_presets, load_preset
 from trainer.uploads import dataset_choices, store_upload
 
 PATHS = ["recipe", "model_preset", *(f.path for f in FIELDS)]
+# What the data preview (and its passes-over-the-data warning) reads: a change to any of these re-runs it.
+PREVIEW_PATHS = (
+    "model.name_or_path",
+    "model.revision",
+    "model.chat_template",
+    "model.trust_remote_code",
+    *(f.path for f in FIELDS if f.path.startswith("data.")),
+    "training.max_steps",
+    "training.num_epochs",
+    "training.per_device_batch_size",
+    "training.gradient_accumulation_steps",
+    "hardware.num_gpus",
+)
+MONITOR_OUTPUTS = ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen", "timer")
 START_ROW = {"output.run_name"}  # shown next to Start rather than in its group
 COLORS = {TRAINED: "#16a34a", PROMPT: "#cbd5e1", CUT: "#f87171"}
 
@@ -100,7 +125,19 @@ def preview_outputs(ctx: AppContext, values: dict[str, Any]) -> tuple[str, list,
         highlighted.extend(row.segments)
     hist = plots.length_histogram(p.report.lengths, p.max_length) if p.report and p.report.lengths else None
     errors = _problems_md(f"{len(p.errors)} row(s) cannot be used ({p.source}):", p.errors) if p.errors else ""
-    return p.verdict(), highlighted, hist, errors
+    rows = p.report.rows - p.report.dropped_overlength - p.report.dropped_no_trainable if p.report else p.rows_read
+    warning = passes_warning(cfg, rows) if rows else ""
+    return p.verdict() + (f"  \n{warning}" if warning else ""), highlighted, hist, errors
+
+
+def upload_outputs(ctx: AppContext, file: str, values: dict[str, Any], edited: set[str]) -> dict[str, Any]:
+    """Store an uploaded dataset and point the form at it: {values, edited, note}, or {refused: markdown}."""
+    try:
+        stored = store_upload(Path(file), Path(file).name, ctx.runs_dir)
+    except DataError as e:
+        return {"refused": _problems_md(f"Upload refused ({e.source}):", e.problems)}
+    new, edited, note = after_data_change({**values, "data.source": str(stored)}, edited | {"data.source"})
+    return {"values": new, "edited": edited, "note": note}
 
 
 def config_preview(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str]:
@@ -193,6 +230,16 @@ def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None) -
 
 
 FAST_S, IDLE_S = 1.0, 5.0  # monitor refresh: while a job is queued/running, and otherwise
+UNSEEN = {"ids": None, "run": None, "version": -1, "interval": None}  # a page that has drawn nothing yet
+
+
+def start_and_watch(ctx: AppContext, values: dict[str, Any]) -> dict[str, Any]:
+    """Start the form's run and draw the monitor for it in the same reply, so the run dropdown and the plots
+    switch together (the new run's plots are empty until its first metrics line); {message, *MONITOR_OUTPUTS}."""
+    message, run_id = start_run(ctx, values)
+    if run_id is None:
+        return {"message": message}
+    return {"message": message, **dict(zip(MONITOR_OUTPUTS, monitor_update(ctx, run_id, UNSEEN), strict=True))}
 
 
 def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
@@ -237,9 +284,11 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) ->
 
 # --- layout and wiring ------------------------------------------------------------------------------------
 def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
-    values = default_values(str(ctx.runs_dir), ctx.example)
+    values, example_edits = default_form(str(ctx.runs_dir), ctx.example)
+    shown = shown_fields(values)
     suggestions = _suggestions(ctx)
     widgets: dict[str, gr.components.Component] = {}
+    holders: dict[str, gr.blocks.Block] = {}  # what shows/hides each field (its widget, or the column around it)
     with gr.Row():
         with gr.Column(scale=5):
             with gr.Row():
@@ -262,7 +311,9 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
                     with gr.Row(equal_height=False):  # wraps: two or three knobs per line
                         for f in FIELDS:
                             if f.group == group and f.path not in START_ROW:
-                                widgets[f.path] = make_widget(f, values[f.path], suggestions.get(f.path))
+                                widgets[f.path], holders[f.path] = make_field(
+                                    f, values[f.path], suggestions.get(f.path), visible=shown[f.path]
+                                )
                     if group == "Data":
                         data_ui = _data_preview_block()
         with gr.Column(scale=6):
@@ -284,9 +335,15 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             monitor = _monitor_block()
 
     form = [widgets[p] for p in PATHS]
+    edited = gr.State(example_edits)  # the fields the user set (the example's count): presets never override them
 
     def as_values(args: tuple) -> dict[str, Any]:
         return dict(zip(PATHS, args, strict=True))
+
+    for f in FIELDS:
+        widgets[f.path].input(
+            lambda e, p=f.path: edited_after(e, p), inputs=edited, outputs=edited, show_progress="hidden"
+        )
 
     gr.on(
         [w.change for w in form],
@@ -296,44 +353,70 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         trigger_mode="always_last",
         show_progress="hidden",
     )
+
+    toggled = [p for p, on in shown_fields({}).items() if not on]  # the method/mode-only fields
+    toggled_boxes = [holders[p] for p in toggled]
+
+    def on_preset(kind: str, name: str | None, e: set[str], *a: Any) -> list[Any]:
+        out = apply_preset(as_values(a), e, kind, name)
+        visible = shown_fields(out)
+        return [*(out[p] for p in PATHS[2:]), *(gr.update(visible=visible[p]) for p in toggled)]
+
     for key, kind in (("recipe", "recipes"), ("model_preset", "models")):
         widgets[key].input(
-            lambda name, *a, kind=kind: [apply_preset(as_values(a), kind, name)[p] for p in PATHS[2:]],
-            inputs=[widgets[key], *form],
-            outputs=form[2:],
+            lambda name, e, *a, kind=kind: on_preset(kind, name, e, *a),
+            inputs=[widgets[key], edited, *form],
+            outputs=[*form[2:], *toggled_boxes],
         )
+    gr.on(
+        [widgets["adapter.method"].input, widgets["quantization.mode"].input],
+        lambda *a: [gr.update(visible=shown_fields(as_values(a))[p]) for p in toggled],
+        inputs=form,
+        outputs=toggled_boxes,
+        show_progress="hidden",
+    )
 
     data_outputs = [data_ui["verdict"], data_ui["rows"], data_ui["hist"], data_ui["errors"]]
     preview = {"fn": lambda *a: preview_outputs(ctx, as_values(a)), "inputs": form, "outputs": data_outputs}
     data_ui["button"].click(**preview)
-    gr.on([widgets[p].input for p in ("data.source", "data.format", "data.max_length", "data.overlength")], **preview)
+    # .change, not .input: a preset or an upload that sets the model or the data makes the old verdict stale too.
+    gr.on([widgets[p].change for p in PREVIEW_PATHS], trigger_mode="always_last", **preview)
+    data_changed = [widgets[p] for p in ("data.eval_source", "data.val_size")]
 
-    def on_upload(file: str | None, *a: Any):
+    def on_source_typed(e: set[str], *a: Any):
+        new, e, note = after_data_change(as_values(a), edited_after(e, "data.source"))
+        return new["data.eval_source"], new["data.val_size"], e, note or gr.skip()  # keep the note while typing
+
+    widgets["data.source"].input(
+        on_source_typed, inputs=[edited, *form], outputs=[*data_changed, edited, data_ui["note"]]
+    )
+
+    def on_upload(file: str | None, e: set[str], *a: Any):
         if not file:
-            return gr.skip(), *[gr.skip()] * 4
-        try:
-            stored = store_upload(Path(file), Path(file).name, ctx.runs_dir)
-        except DataError as e:
-            return gr.skip(), _problems_md(f"Upload refused ({e.source}):", e.problems), [], None, ""
-        vals = {**as_values(a), "data.source": str(stored)}
+            return [gr.skip()] * 6
+        up = upload_outputs(ctx, file, as_values(a), e)
+        if "refused" in up:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), up["refused"]
+        new = up["values"]
         choices = dataset_choices(ctx.runs_dir)
-        return gr.Dropdown(choices=choices, value=str(stored)), *preview_outputs(ctx, vals)
+        source = gr.Dropdown(choices=choices, value=new["data.source"])
+        return source, new["data.eval_source"], new["data.val_size"], up["edited"], up["note"], gr.skip()
 
     data_ui["upload"].upload(
-        on_upload, inputs=[data_ui["upload"], *form], outputs=[widgets["data.source"], *data_outputs]
+        on_upload,
+        inputs=[data_ui["upload"], edited, *form],
+        outputs=[widgets["data.source"], *data_changed, edited, data_ui["note"], data_ui["verdict"]],
     )
 
     show.click(lambda *a: config_preview(ctx, as_values(a)), inputs=form, outputs=[config_yaml, config_cli])
 
-    def on_start(*a: Any):
-        msg, run_id = start_run(ctx, as_values(a))
-        if run_id is None:
-            return msg, gr.skip(), gr.skip(), gr.skip()
-        ids = [j.id for j in ctx.jobs_newest_first()]
-        seen = {"ids": ids, "run": None, "version": -1, "interval": FAST_S}
-        return msg, gr.Dropdown(choices=ids, value=run_id), seen, gr.Timer(value=FAST_S)
+    outs = [monitor[k] for k in MONITOR_OUTPUTS]
 
-    start.click(on_start, inputs=form, outputs=[message, monitor["run"], monitor["seen"], monitor["timer"]])
+    def on_start(*a: Any):
+        shown = start_and_watch(ctx, as_values(a))
+        return [shown["message"], *(shown.get(k, gr.skip()) for k in MONITOR_OUTPUTS)]
+
+    start.click(on_start, inputs=form, outputs=[message, *outs])
     stop.click(lambda run_id: stop_run(ctx, run_id), inputs=monitor["run"], outputs=message)
 
     def on_preflight(*a: Any):
@@ -351,9 +434,6 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         preflight_tick, inputs=preflight_job, outputs=[preflight_out, preflight_timer], show_progress="hidden"
     )
 
-    outs = [
-        monitor[k] for k in ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen", "timer")
-    ]
     monitor["timer"].tick(
         lambda run_id, seen: monitor_update(ctx, run_id, seen),
         inputs=[monitor["run"], monitor["seen"]],
@@ -361,7 +441,13 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         concurrency_limit=None,  # read-only and cheap: every open page ticks without waiting for the others
         show_progress="hidden",
     )
-    monitor["run"].input(lambda s: {**s, "version": -1}, inputs=monitor["seen"], outputs=monitor["seen"])
+    # A run picked by hand is drawn in the same reply, so its name and its plots change together.
+    monitor["run"].input(
+        lambda run_id, seen: monitor_update(ctx, run_id, {**seen, "version": -1}),
+        inputs=[monitor["run"], monitor["seen"]],
+        outputs=outs,
+        show_progress="hidden",
+    )
 
     def on_load(*a: Any):
         run_id = ctx.run_to_watch()
@@ -385,6 +471,7 @@ def _data_preview_block() -> dict[str, Any]:
             elem_id="upload-data",
         )
         button = gr.Button("Preview data", elem_id="preview-data-btn")
+    note = gr.Markdown(elem_id="data-note")  # what changed in the form because the data did
     verdict = gr.Markdown(elem_id="data-verdict")
     errors = gr.Markdown(elem_id="data-errors")
     rows = gr.HighlightedText(
@@ -396,7 +483,8 @@ def _data_preview_block() -> dict[str, Any]:
         elem_id="data-rows",
     )
     hist = gr.Plot(label="Token lengths", elem_id="data-hist")
-    return {"upload": upload, "button": button, "verdict": verdict, "errors": errors, "rows": rows, "hist": hist}
+    parts = {"upload": upload, "button": button, "note": note, "verdict": verdict, "errors": errors}
+    return {**parts, "rows": rows, "hist": hist}
 
 
 def _monitor_block() -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from trainer.form import FormField
+from trainer.form import ONLY_FOR, FormField
 
 
 def elem_id(path: str) -> str:
@@ -19,10 +19,23 @@ def choice_label(choice: Any) -> tuple[str, Any]:
     return ({True: "on", False: "off"}[choice] if isinstance(choice, bool) else str(choice)), choice
 
 
+def make_field(
+    field: FormField, value: Any, suggestions: list[str] | None = None, visible: bool = True
+) -> tuple[gr.components.Component, gr.blocks.Block]:
+    """(the field's widget, the block that shows or hides it). A checkbox, or a knob only some methods use, sits
+    in a column of its own: a checkbox alone ignores min_width and is squeezed to one word per line in a row."""
+    if field.kind != "bool" and field.path not in ONLY_FOR:
+        widget = make_widget(field, value, suggestions)
+        return widget, widget
+    with gr.Column(min_width=240, visible=visible, elem_id=elem_id(field.path) + "-box") as box:
+        widget = make_widget(field, value, suggestions)
+    return widget, box
+
+
 def make_widget(field: FormField, value: Any, suggestions: list[str] | None = None) -> gr.components.Component:
     common = {
         "label": field.label,
-        "info": field.help,
+        "info": field.info,
         "elem_id": elem_id(field.path),
         "value": value,
         "min_width": 240,

@@ -167,10 +167,11 @@ def test_form_invalid_values_raise_config_error_naming_fields() -> None:
     assert any(p.startswith("output.run_name") for p in err.problems)
 
 
-def test_apply_preset_replaces_only_the_presets_fields() -> None:
+def test_apply_preset_layers_as_the_cli_does_keeping_only_edited_fields() -> None:
     values = form_values(build_config({"model_preset": "tiny", "data": {"source": "data/instructions_alpaca.json"}}))
     values["training.max_steps"] = 7
-    out = apply_preset(values, "recipes", "qlora")
+    edited = {"data.source", "training.max_steps"}
+    out = apply_preset(values, edited, "recipes", "qlora")
     assert out["recipe"] == "qlora"
     assert out["quantization.mode"] == "4bit" and out["training.optimizer"] == "paged_adamw_8bit"
     assert out["training.gradient_checkpointing"] == "auto"
@@ -179,15 +180,16 @@ def test_apply_preset_replaces_only_the_presets_fields() -> None:
     cfg = config_from_form(out, "runs")
     assert cfg.quantization.mode == "4bit" and cfg.recipe == "qlora"
 
-    models = apply_preset(out, "models", "qwen2")
+    models = apply_preset(out, edited, "models", "qwen2")
     assert models["model_preset"] == "qwen2" and models["model.name_or_path"].startswith("Qwen/")
     assert "q_proj" in yaml.safe_load(models["model.module_groups"])["default"]
     assert models["quantization.mode"] == "4bit"  # the recipe's fields stay
 
-    cleared = apply_preset(out, "recipes", "")
-    assert cleared["recipe"] is None and cleared["quantization.mode"] == "4bit"
+    # No recipe: what the recipe set goes back to the defaults, as a config.yaml without `recipe:` gets them.
+    cleared = apply_preset(out, edited, "recipes", "")
+    assert cleared["recipe"] is None and cleared["quantization.mode"] == "none"
     with pytest.raises(ConfigError, match="unknown preset"):
-        apply_preset(values, "recipes", "../../etc/passwd")
+        apply_preset(values, edited, "recipes", "../../etc/passwd")
 
 
 def test_default_values_load_the_example(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from trainer.config import ConfigError, RunConfig, validate_config
-from trainer.presets import deep_merge, load_preset
+from trainer.presets import build_config, deep_merge, layer
 
 SECTIONS = ("model", "quantization", "adapter", "data", "training", "output", "hardware")
 GROUPS = ("Model & quantization", "Adapter", "Data", "Training", "Advanced")
@@ -37,8 +37,6 @@ ADVANCED = {
     "model.module_groups",
     "adapter.bias",
     "adapter.modules_to_save",
-    "adapter.loftq_bits",
-    "adapter.loftq_iter",
     "data.columns",
     "data.subset",
     "data.split",
@@ -57,6 +55,57 @@ ADVANCED = {
 }
 # Runs dir is the server's, not the form's: every UI run lives under it.
 HIDDEN = {"output.runs_dir"}
+# Labels in words; the config path stays in the help line. Fields not named here read as their name in words.
+LABELS = {
+    "model.name_or_path": "Model (hub id or local path)",
+    "model.dtype": "Weights dtype",
+    "model.attn_implementation": "Attention implementation",
+    "model.trust_remote_code": "Run the model's own code",
+    "model.module_groups": "Module groups",
+    "quantization.mode": "Quantize the base",
+    "quantization.quant_type": "4-bit type",
+    "quantization.double_quant": "Double quantization",
+    "quantization.compute_dtype": "4-bit compute dtype",
+    "adapter.method": "Adapter method",
+    "adapter.r": "Rank r",
+    "adapter.lora_alpha": "LoRA alpha",
+    "adapter.lora_dropout": "LoRA dropout",
+    "adapter.init_r": "Initial rank",
+    "adapter.target_r": "Target average rank",
+    "adapter.tinit": "Warm-up steps before pruning",
+    "adapter.tfinal": "Final steps with ranks frozen",
+    "adapter.delta_t": "Steps between reallocations",
+    "adapter.loftq_bits": "LoftQ bits",
+    "adapter.loftq_iter": "LoftQ iterations",
+    "data.source": "Training data",
+    "data.format": "Row format",
+    "data.subset": "Hub subset",
+    "data.split": "Hub split",
+    "data.eval_source": "Evaluation data",
+    "data.max_samples": "Use only the first N rows",
+    "data.val_size": "Held-out share",
+    "data.max_length": "Max tokens per row",
+    "data.overlength": "Rows over max length",
+    "training.num_epochs": "Epochs",
+    "training.lr_scheduler": "LR schedule",
+    "training.warmup_ratio": "Warm-up share",
+    "training.per_device_batch_size": "Batch size per device",
+    "training.gradient_accumulation_steps": "Gradient accumulation steps",
+    "training.padding_free": "Padding-free batches",
+    "training.dataloader_num_workers": "Data loader workers",
+    "training.use_liger_kernel": "Liger kernels",
+    "training.tf32": "TF32 matmuls",
+    "training.max_grad_norm": "Gradient clipping norm",
+    "training.save_total_limit": "Checkpoints to keep",
+    "hardware.num_gpus": "GPUs",
+    "hardware.cpu_processes": "CPU processes",
+}
+# Knobs that mean something only for some adapter methods / quantization modes: hidden for the others.
+ONLY_FOR = {
+    **{f"adapter.{k}": ("adapter.method", ("adalora",)) for k in ("init_r", "target_r", "tinit", "tfinal", "delta_t")},
+    **{f"adapter.{k}": ("adapter.method", ("loftq",)) for k in ("loftq_bits", "loftq_iter")},
+    **{f"quantization.{k}": ("quantization.mode", ("4bit",)) for k in ("quant_type", "double_quant", "compute_dtype")},
+}
 
 Kind = Literal["choice", "bool", "int", "float", "text", "yaml"]
 
@@ -71,6 +120,21 @@ class FormField:
     choices: tuple[Any, ...] = ()
     optional: bool = False
     empty: Any = None  # what an emptied YAML box means ({} / [] for collections)
+
+    @property
+    def info(self) -> str:
+        """The widget's help line: the field's description, then its config path for YAML and CLI users."""
+        return f"{self.help} ({self.path})"
+
+
+def label_of(path: str) -> str:
+    """A field's label in words, e.g. 'training.max_steps' -> 'Max steps'."""
+    return LABELS.get(path) or path.split(".", 1)[1].replace("_", " ").capitalize()
+
+
+def shown_fields(values: dict[str, Any]) -> dict[str, bool]:
+    """path -> whether the form shows it for the method and quantization mode in values."""
+    return {f.path: f.path not in ONLY_FOR or values.get(ONLY_FOR[f.path][0]) in ONLY_FOR[f.path][1] for f in FIELDS}
 
 
 def _kind(annotation: Any) -> tuple[Kind, tuple[Any, ...], bool]:
@@ -107,11 +171,12 @@ def form_fields() -> list[FormField]:
             group = "Advanced" if path in ADVANCED else _SECTION_GROUP[section]
             default = info.get_default(call_default_factory=True)
             empty = None if optional else type(default)() if isinstance(default, (dict, list)) else ""
-            out.append(FormField(path, kind, path, info.description or "", group, choices, optional, empty))
+            out.append(FormField(path, kind, label_of(path), info.description or "", group, choices, optional, empty))
     return out
 
 
 FIELDS = form_fields()
+BY_PATH = {f.path: f for f in FIELDS}
 
 
 def _get(cfg: dict[str, Any], path: str) -> Any:
@@ -190,36 +255,100 @@ def config_from_form(values: dict[str, Any], runs_dir: str) -> RunConfig:
     return validate_config(data)
 
 
-def apply_preset(values: dict[str, Any], kind: str, name: str | None) -> dict[str, Any]:
-    """The form values with the fields a recipe/model preset sets replaced by the preset's values."""
+def edited_after(edited: set[str], path: str) -> set[str]:
+    """The fields the user has set by hand, after they edit one more (presets never override these)."""
+    return edited | {path}
+
+
+def _user_dict(values: dict[str, Any], edited: set[str]) -> dict[str, Any]:
+    """The edited fields as a partial config, the way a user's YAML file holds them; unparsable ones left out."""
+    user: dict[str, Any] = {}
+    for path in sorted(edited & BY_PATH.keys()):
+        problems: list[str] = []
+        value = _from_widget(BY_PATH[path], values.get(path), problems)
+        if not problems:
+            section, name = path.split(".", 1)
+            user.setdefault(section, {})[name] = value
+    return user
+
+
+def apply_preset(values: dict[str, Any], edited: set[str], kind: str, name: str | None) -> dict[str, Any]:
+    """The form after picking a recipe/model preset: what the CLI builds (defaults -> recipe -> model preset ->
+    the user's fields), where the user's fields are those in edited, kept exactly as typed."""
     key = "recipe" if kind == "recipes" else "model_preset"
-    out = {**values, key: name or None}
-    if not name:
-        return out
-    preset = load_preset(kind, name)
-    by_path = {f.path: f for f in FIELDS}
-    for section, body in preset.items():
-        if not isinstance(body, dict):
-            continue
-        for knob, value in body.items():
-            f = by_path.get(f"{section}.{knob}")
-            if f is not None:
-                out[f.path] = to_widget(f, value)
-    return out
+    names = {"recipe": values.get("recipe") or None, "model_preset": values.get("model_preset") or None}
+    names[key] = name or None
+    merged = layer({**names, **_user_dict(values, edited)})  # raises ConfigError for an unknown preset
+    defaults = RunConfig().model_dump(mode="json")
+    # A field set in a layer replaces the default whole (as pydantic does), so sections merge one level deep.
+    data = {s: {**defaults[s], **(merged.get(s) or {})} for s in SECTIONS}
+    out = {f.path: to_widget(f, _get(data, f.path)) for f in FIELDS}
+    out |= {p: values[p] for p in edited if p in values}
+    return {**out, **names}
+
+
+def after_data_change(values: dict[str, Any], edited: set[str]) -> tuple[dict[str, Any], set[str], str]:
+    """(values, edited, note) once the training data changed: an eval file chosen for the old data is cleared
+    and a 10% held-out split of the new data offered instead, and the note says so."""
+    old = (values.get("data.eval_source") or "").strip()
+    if not old:
+        return values, edited, ""
+    out = {**values, "data.eval_source": ""}
+    split = "no held-out split (set data.val_size for one)"
+    if not values.get("data.val_size"):
+        out["data.val_size"] = 0.1
+        split = "10% of the new data held out instead (data.val_size 0.1)"
+    note = (
+        f"The training data changed, so the evaluation file `{old}` (chosen for the old data) was cleared: "
+        f"{split}. Set data.eval_source to evaluate on a file of your own."
+    )
+    return out, edited | {"data.source", "data.eval_source", "data.val_size"}, note
+
+
+# A run that sees each row more than this many times mostly memorises it: said before Start, not refused.
+MANY_PASSES = 10
+
+
+def passes_warning(cfg: RunConfig, rows: int) -> str:
+    """A warning when the run will pass over its training rows more than MANY_PASSES times, else ''."""
+    d, t = cfg.data, cfg.training
+    held = 0 if d.eval_source else int(d.val_size) if d.val_size >= 1 else round(rows * d.val_size)
+    train_rows = max(rows - held, 1)
+    per_step = t.per_device_batch_size * t.gradient_accumulation_steps * max(cfg.hardware.num_gpus, 1)
+    if t.max_steps > 0:
+        passes = t.max_steps * per_step / train_rows
+        how = f"{t.max_steps} steps × {per_step} sequences = about {passes:.0f} passes over the {train_rows} training rows"
+    else:
+        passes = t.num_epochs
+        how = f"{t.num_epochs:g} epochs over the {train_rows} training rows"
+    if passes <= MANY_PASSES:
+        return ""
+    return (
+        f"**Warning:** {how}: a run that sees each row more than {MANY_PASSES} times mostly memorises it. "
+        "Lower training.max_steps (or training.num_epochs), or add rows."
+    )
+
+
+def _example_user(example: str | None) -> dict[str, Any]:
+    """The example config file as the user wrote it (relative to the cwd or the project), or {}."""
+    from trainer.config import read_yaml
+    from trainer.paths import resolve_local
+
+    path = resolve_local(example) if example else None
+    return read_yaml(path) if path is not None and path.is_file() else {}
+
+
+def default_form(runs_dir: str, example: str | None = None) -> tuple[dict[str, Any], set[str]]:
+    """(values, edited) a fresh page starts with: the example's fields count as the user's, as in its file."""
+    user = _example_user(example)
+    cfg = build_config(deep_merge(layer(user), {"output": {"runs_dir": runs_dir}}))
+    edited = {f"{s}.{k}" for s, body in user.items() if isinstance(body, dict) for k in body} & BY_PATH.keys()
+    return form_values(cfg), edited
 
 
 def default_values(runs_dir: str, example: str | None = None) -> dict[str, Any]:
     """The form a fresh page starts with: the example config (relative to the cwd or the project) or defaults."""
-    from trainer.config import read_yaml
-    from trainer.paths import resolve_local
-    from trainer.presets import build_config, layer
-
-    user: dict[str, Any] = {}
-    path = resolve_local(example) if example else None
-    if path is not None and path.is_file():
-        user = read_yaml(path)
-    cfg = build_config(deep_merge(layer(user), {"output": {"runs_dir": runs_dir}}))
-    return form_values(cfg)
+    return default_form(runs_dir, example)[0]
 
 
 def cli_command(config_path: str) -> str:
