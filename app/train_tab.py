@@ -156,8 +156,11 @@ def config_preview(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str]:
 
 def checked_config(ctx: AppContext, values: dict[str, Any], refused: str) -> tuple[RunConfig | None, str]:
     """(the form's config, "") when it and its data are valid, else (None, what to fix)."""
+    from trainer.model_checks import check_model
+
     try:
         cfg = config_from_form(values, str(ctx.runs_dir))
+        check_model(cfg)  # the model is here and its layers and context fit the config, before the data is read
     except ConfigError as e:
         return None, _problems_md(f"{refused}. Fix these fields:", e.problems)
     check = preview_data(cfg, n_rows=0, roots=ctx.roots)

@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.data import load_examples, tokenize_rows
 from trainer.data_files import DataError, locate
 from trainer.data_formats import Example
+from trainer.model_checks import model_source_problem
 from trainer.model_configs import RemoteCodeRefused, refuse_remote_code
 from trainer.tokenization import TemplateError, TokenizeReport, chat_template_of, render_with_spans
 
@@ -74,13 +75,17 @@ class DataPreview:
 def _tokenizer(config_yaml: str, path: str):
     """models.load_tokenizer, remembered per (config, path): the preview runs again on every data edit."""
     from trainer.config import validate_config
+    from trainer.model_checks import is_hub_cached
     from trainer.models import load_tokenizer
 
-    return load_tokenizer(validate_config(yaml.safe_load(config_yaml)), path)
+    cfg = validate_config(yaml.safe_load(config_yaml))
+    cached = not Path(path).is_dir() and is_hub_cached(path, cfg.model.revision)
+    return load_tokenizer(cfg, path, local_only=cached)
 
 
 def tokenizer_for(cfg: RunConfig):
-    """The run's tokenizer (cached between previews); raises DataError naming the model when it cannot load,
+    """The run's tokenizer (cached between previews); raises ConfigError naming model.name_or_path when the model
+    is not on this machine (nor confirmed by the hub), DataError naming the model when its tokenizer cannot load,
     RemoteCodeRefused when it would need the model's own code (the preview runs in the UI server)."""
     from trainer.builtin_models import BUILTIN_REAL, cache_root, cached_dir, not_ready_message
     from trainer.models import model_path
@@ -89,6 +94,8 @@ def tokenizer_for(cfg: RunConfig):
     if spec is not None and cached_dir(spec, cache_root(cfg.output.runs_dir)) is None:  # never build in a handler
         raise DataError(spec.model_id, [not_ready_message(spec, Path(cfg.output.runs_dir))])
     refuse_remote_code(cfg.model.trust_remote_code, "counting tokens")  # its tokenizer may be the repo's code
+    if (problem := model_source_problem(cfg)) is not None:  # at once, not after the hub's download retries
+        raise ConfigError([problem])
     path = model_path(cfg)
     try:
         model_only = RunConfig(model=cfg.model).to_yaml()  # only the model section decides the tokenizer
@@ -135,6 +142,9 @@ def preview_data(cfg: RunConfig, n_rows: int = 3, roots: list[Path] | None = Non
         return out
     except RemoteCodeRefused as e:
         out.note = str(e)
+        return out
+    except ConfigError as e:  # the model, not the data: the rows were read
+        out.note = "Tokens not counted: " + "; ".join(e.problems)
         return out
     template = chat_template_of(tok, cfg.model.chat_template)
     _, out.report, out.errors = tokenize_rows(tok, located, d, template)

@@ -14,7 +14,8 @@ import yaml
 
 from trainer.config import ConfigError, RunConfig
 from trainer.memory import MemoryEstimate, detect_gpu, memory_estimate, shapes_of
-from trainer.model_configs import kept_config_dir, refuse_remote_code
+from trainer.model_checks import adapter_layer_names, layer_problems, length_problem, load_model_config
+from trainer.model_configs import refuse_remote_code
 
 
 @dataclass(frozen=True)
@@ -33,27 +34,6 @@ class Estimate:
             f"adapter size: {self.adapter_mb:.2f} MB ({self.adapter_dtype})",
         ]
         return out + (self.memory.lines() if self.memory else [])
-
-
-def load_model_config(cfg: RunConfig):
-    from transformers import AutoConfig
-
-    from trainer.builtin_models import BUILTIN_REAL, cache_root, cached_dir
-    from trainer.models import model_path
-
-    spec = BUILTIN_REAL.get(cfg.model.name_or_path)
-    if spec is not None and cached_dir(spec, cache_root(cfg.output.runs_dir)) is None:
-        return AutoConfig.from_pretrained(kept_config_dir(spec.hub_id))  # shapes now; no conversion for an estimate
-    path = model_path(cfg)
-    try:
-        return AutoConfig.from_pretrained(
-            path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        kept = kept_config_dir(path)  # offline, or not downloaded yet: the shapes kept in presets/configs
-        if kept is not None:
-            return AutoConfig.from_pretrained(kept)
-        raise ConfigError([f"model.name_or_path: cannot read the config.json of {path!r} ({e})"]) from None
 
 
 def counting_config(cfg: RunConfig) -> RunConfig:
@@ -76,6 +56,10 @@ def estimate(cfg: RunConfig, gpu: tuple[int | None, str | None] | None = None) -
     model_config = load_model_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
+        problems = [p for p in [length_problem(cfg, model_config)] if p]
+        problems += layer_problems(cfg, adapter_layer_names(model))  # PEFT would raise or silently skip them
+        if problems:
+            raise ConfigError(problems)
         shapes = shapes_of(model, model_config, cfg)
         steps = max(cfg.adapter.tinit + cfg.adapter.tfinal + 1, 1000)  # AdaLoRA's schedule does not change shapes
         peft_model = get_peft_model(model, to_peft_config(counting_config(cfg), steps))

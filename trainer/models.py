@@ -37,11 +37,12 @@ def to_bnb_config(q: QuantizationSection, compute_dtype: str):
     )
 
 
-def load_tokenizer(cfg: RunConfig, path: str):
+def load_tokenizer(cfg: RunConfig, path: str, local_only: bool = False):
+    """The run's tokenizer; local_only reads only the local cache (the page's checks: no hub round trips)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(
-        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, local_files_only=local_only
     )
     if tok.pad_token is None:  # Llama-style tokenizers ship none; padding is masked out anyway
         tok.pad_token = tok.eos_token

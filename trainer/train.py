@@ -154,6 +154,7 @@ def prepare(s: Session):
     """Hardware check, tokenizer and data: everything that can fail on bad input, before any model loads."""
     from trainer import device
     from trainer.data import prepare_data
+    from trainer.model_checks import check_model
     from trainer.models import load_tokenizer, model_path
     from trainer.tokenization import chat_template_of
 
@@ -170,6 +171,7 @@ def prepare(s: Session):
         )
         print(f"WARNING: {warning}")
         s.run.event(0, "warning", message=warning)
+    check_model(s.cfg, run_model_code=True)  # from config.json: target layers, max_length, the model is here
     path = model_path(s.cfg)
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
