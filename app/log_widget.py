@@ -17,3 +17,14 @@ def log_box(elem_id: str, lines: int, max_lines: int, label: str | None = None) 
         elem_id=elem_id,
         elem_classes="lwb-log",  # monospace (app/server.py CSS), as a terminal shows it
     )
+
+
+# Gradio 6.31's Textbox autoscroll did not follow the timer's updates (seen in Chromium: a 40-line log stayed at its
+# top), so the page scrolls every log box to its end whenever its text or height changes; a user who scrolled up
+# keeps their place until the next new line.
+FOLLOW_NEWEST_JS = """() => setInterval(() => {
+  for (const box of document.querySelectorAll('.lwb-log textarea')) {
+    const seen = box.value.length + '|' + box.value.slice(-200) + '|' + box.scrollHeight;
+    if (box.dataset.lwbSeen !== seen) { box.dataset.lwbSeen = seen; box.scrollTop = box.scrollHeight; }
+  }
+}, 300)"""

@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 from app.chat_tab import build_chat_tab
 from app.context import DEFAULT_EXAMPLE, AppContext
 from app.export_tab import build_export_tab
+from app.log_widget import FOLLOW_NEWEST_JS
 from app.login_guard import LoginGuard
 from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
@@ -137,6 +138,14 @@ def prepare_default_model(ctx: AppContext) -> None:
         print(f"preparing the built-in model {model_id} in the background (log: {log})", flush=True)
 
 
+def import_model_libraries() -> None:
+    """Import peft and transformers once, on this thread, before the page is served. A fresh page's load handlers
+    (live estimate, data preview) run on several worker threads at once, and transformers' lazy module is not safe
+    to import from two of them at a time: one got "cannot import name 'AutoModel' from 'transformers'"."""
+    import peft  # noqa: F401  (pulls in torch and transformers' model classes)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
@@ -160,6 +169,7 @@ def serve(
     prepare_default_model(ctx)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
+    import_model_libraries()
     print(f"LoRA Workbench on http://{host}:{port} (runs dir {root})", flush=True)
     try:
         demo.launch(
@@ -172,6 +182,7 @@ def serve(
             max_file_size=f"{UPLOAD_LIMIT_MB}mb",
             ssr_mode=False,
             css=CSS,
+            js=FOLLOW_NEWEST_JS,
             app_kwargs=guarded_app_kwargs(auth),
         )
     finally:

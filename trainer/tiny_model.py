@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another directory or remove it first")
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two runs may build it at once
+    # per process and thread: two runs, or two pages of one server (the estimate of each), may build it at once
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}-{threading.get_ident()}")
     tokenizer = build_tokenizer()
     config = llama_config(tokenizer)
     torch.manual_seed(seed)
