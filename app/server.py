@@ -170,6 +170,9 @@ def serve(
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     import_model_libraries()
+    # uvicorn believes X-Forwarded-For from loopback by default, so anyone on this host (or through an SSH tunnel)
+    # could name a new client address per login and escape the back-off; behind a proxy, set it to the proxy.
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     print(f"LoRA Workbench on http://{host}:{port} (runs dir {root})", flush=True)
     try:
         demo.launch(

@@ -72,6 +72,12 @@ def test_wrong_passwords_make_the_address_wait_longer_each_time(server: Server) 
             assert login(client, WRONG, user="intruder").status_code == 400
         refused = login(client, PASSWORD)  # even the right password waits: the lockout does not check it
         assert refused.status_code == 429 and "wait 1 s" in refused.json()["detail"]
+        spoofed = client.post(  # a made-up client address in a header does not start a fresh count
+            "login",
+            files={"username": (None, USER), "password": (None, PASSWORD)},
+            headers={"X-Forwarded-For": "10.9.9.9"},
+        )
+        assert spoofed.status_code == 429
         time.sleep(int(refused.headers["Retry-After"]))
         assert login(client, WRONG, user="intruder").status_code == 400
         refused = login(client, WRONG, user="intruder")

@@ -109,7 +109,17 @@ def test_hub_ids_and_bundled_relative_paths_stay_allowed(ctx, tiny_model):
     verdict, _, _, _ = preview_outputs(ctx, form(ctx, tiny_model, {"data.source": "data/sentiment_train.jsonl"}))
     assert verdict.startswith("**Data OK**"), verdict
     _, _, _, errors = preview_outputs(ctx, form(ctx, tiny_model, {"data.source": "someone/some-dataset"}))
-    assert "could not load hub dataset" in errors and "outside the directories" not in errors  # offline: not found
+    assert "no hub dataset of that name could be loaded" in errors  # offline: not found, and the page says so
+
+
+def test_a_name_under_the_servers_cwd_reads_the_same_as_a_missing_one(ctx, tiny_model, monkeypatch):
+    """Hub-id-looking names are what datasets would read from the cwd: whether one exists there must not show."""
+    monkeypatch.chdir(ROOT)  # holds trainer/cli.py and tests/, outside the roots
+    texts = []
+    for name in ("trainer/cli.py", "trainer/nope.py", "tests", "nopex", "imdb"):
+        _, _, _, errors = preview_outputs(ctx, form(ctx, tiny_model, {"data.source": name}))
+        texts.append(errors.replace(name, "NAME"))
+    assert len(set(texts)) == 1 and "no hub dataset of that name could be loaded" in texts[0], texts
 
 
 def test_the_cli_reads_a_data_file_anywhere(make_config, tmp_path):
@@ -213,3 +223,19 @@ def test_chat_refuses_and_export_checks_without_running_the_models_own_code(ctx,
     message, job_id = submit_export(ctx, None, str(adapter), "", "", "bf16", "2GB", "16bit", False, "")
     assert job_id is not None, message  # queued: the export job, in its own process, may run the code
     assert not marker.exists()
+
+
+def test_a_typed_base_under_the_servers_cwd_reads_the_same_as_a_missing_one(ctx, monkeypatch):
+    """The chat/export base override: a directory under the cwd (outside the roots) and a made-up hub id get one
+    message, so the page cannot probe which names exist where the server was started."""
+    from trainer.adapter_source import AdapterError
+    from trainer.chat_sources import resolve_base
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = []
+    for name in ("tests", "trainer", "nopex", "nobody/nothing"):
+        with pytest.raises(AdapterError) as e:
+            resolve_base(name, ctx.roots)
+        texts.append(str(e.value).replace(name, "NAME"))
+    assert len(set(texts)) == 1 and "no hub model of that name can be loaded here" in texts[0], texts

@@ -4,9 +4,11 @@ or a directory the user types (allowed only inside the server's roots: trainer/p
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from trainer.adapter_source import AdapterError
+from trainer.model_checks import hub_model_problem
 from trainer.paths import inside_roots, refusal
 from trainer.registry import Job
 from trainer.runs_index import config_section, read_config
@@ -68,9 +70,17 @@ def resolve_base(text: str, roots: list[Path]) -> str | None:
     local = inside_roots(text, roots)
     if local is not None and local.is_dir():
         return str(local)
-    # a hub id that is also a directory under the cwd would load from that directory: refuse it like any other
-    if ".." in text or not HUB_ID_RE.match(text) or Path(text).exists():
+    if ".." in text or not HUB_ID_RE.match(text):
         raise AdapterError(refusal("base model", text, roots) + ", or give a hub id like Org/Model")
+    # A hub id that is also a directory under the cwd would load from there, outside the roots; and the hub's own
+    # answer differs from the refusal: both read the same, whether or not such a directory exists (details: log).
+    problem = "a directory of that name lies outside the roots" if Path(text).exists() else hub_model_problem(text)
+    if problem:
+        print(f"base model {text}: {problem}", file=sys.stderr)
+        raise AdapterError(
+            refusal("base model", text, roots) + "; and no hub model of that name can be loaded here: the server's "
+            "log says why"
+        )
     return text
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,23 @@ def read_rows(
     local = locate(source, roots)
     if local is not None:
         return str(local), read_file(local)
-    return source, read_hub(source, subset, split)
+    if roots is None:
+        return source, read_hub(source, subset, split)
+    try:
+        return source, read_hub(source, subset, split)
+    except DataError as e:  # the hub's own error can tell which local names exist: the server log gets it
+        print(f"data source {source}: {'; '.join(e.problems)}", file=sys.stderr)
+        raise DataError(source, [hub_refusal(source, roots)]) from None
+
+
+def hub_refusal(source: str, roots: list[Path]) -> str:
+    """The page's one message for a name that is neither a file inside the roots nor a hub dataset it can load:
+    the same whether or not a file of that name exists elsewhere (the details go to the server's log)."""
+    offline = " (HF_HUB_OFFLINE is set: the hub is not asked)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return (
+        f"{refusal('data file', source, roots)}; and no hub dataset of that name could be loaded{offline}: the "
+        "server's log says why"
+    )
 
 
 def locate(source: str, roots: list[Path] | None = None) -> Path | None:
@@ -61,21 +80,21 @@ def locate(source: str, roots: list[Path] | None = None) -> Path | None:
         local = next((p for p in inside if p.exists()), None)
     if local is not None:
         return local
-    if _is_hub_id(source) and not (roots is not None and Path(source).exists()):
-        return None  # (a hub id that is also a path under the cwd would be read from there by datasets)
+    if _is_hub_id(source):
+        if roots is not None and Path(source).exists():  # datasets would read it from the cwd, outside the roots
+            raise DataError(source, [hub_refusal(source, roots)])
+        return None
     if roots is not None and not inside:
         raise DataError(source, [refusal("data file", source, roots)])
     raise DataError(source, ["file not found (looked in the working directory and the project's data/)"])
 
 
+HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # Org/name, or a canonical name such as imdb
+
+
 def _is_hub_id(source: str) -> bool:
     path = Path(source)
-    return (
-        path.suffix.lower() not in SUFFIXES
-        and "/" in source
-        and not source.startswith((".", "/", "~"))
-        and (".." not in path.parts)
-    )
+    return path.suffix.lower() not in SUFFIXES and ".." not in path.parts and bool(HUB_DATASET_RE.match(source))
 
 
 def read_file(path: Path) -> list[Row]:

@@ -37,9 +37,6 @@ def _looks_like_path(name: str) -> bool:
 
 def model_source_problem(cfg: RunConfig) -> str | None:
     """Why the model named by model.name_or_path cannot be read on this machine, or None (it can)."""
-    from huggingface_hub import constants, is_offline_mode
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     from trainer.builtin_models import BUILTIN_REAL
 
     name, revision = cfg.model.name_or_path, cfg.model.revision
@@ -52,6 +49,14 @@ def model_source_problem(cfg: RunConfig) -> str | None:
         return f"model.name_or_path: the directory {name} holds no config.json; type the model's own directory"
     if _looks_like_path(name):
         return f"model.name_or_path: no directory {name}; type the path of a model directory or a hub id"
+    return hub_model_problem(name, revision)
+
+
+def hub_model_problem(name: str, revision: str | None = None) -> str | None:
+    """Why the hub id `name` cannot be loaded here (not cached, and the hub is off, unreachable or lacks it)."""
+    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
         validate_repo_id(name)
     except HFValidationError:
