@@ -210,6 +210,17 @@ def test_the_estimate_and_preview_never_run_the_models_own_code(ctx, remote_mode
     assert not marker.exists()
 
 
+def test_a_model_with_its_own_code_and_trust_unticked_is_a_clear_problem(ctx, remote_model):
+    """transformers refuses an auto_map model without trust_remote_code: the page says so, never raises."""
+    model, marker = remote_model
+    values = form(ctx, model, {})
+    estimate = estimate_md(ctx, values)
+    assert "ships its own Python code" in estimate and "model.trust_remote_code" in estimate, estimate
+    message, run_id = start_run(ctx, values)
+    assert run_id is None and "ships its own Python code" in message, message
+    assert not marker.exists()
+
+
 def test_chat_refuses_and_export_checks_without_running_the_models_own_code(ctx, remote_model):
     model, marker = remote_model
     adapter = ctx.runs_dir / "handmade" / "adapter"

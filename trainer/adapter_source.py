@@ -128,9 +128,14 @@ def check_fits_base(source: AdapterSource) -> None:
         modules = base_linear_shapes(source.base)
     except OSError as e:
         raise AdapterError(f"base model {source.base}: cannot read its config.json ({e})") from e
-    except (ValueError, KeyError):
+    except (ValueError, KeyError) as e:
         if trust:  # an architecture transformers does not know without the repo's code
             return
+        if "custom code" in str(e):
+            raise AdapterError(
+                f"base model {source.base} ships its own Python code (auto_map in its config.json), which this "
+                "server never runs; tick model.trust_remote_code in the run's config so its jobs may"
+            ) from None
         raise
     problems = shape_problems(adapter_shapes(source), modules)
     if problems:

@@ -208,11 +208,26 @@ def read_model_config(cfg: RunConfig) -> Any:
             trust_remote_code=cfg.model.trust_remote_code,
             local_files_only=local_only,
         )
-    except (OSError, ValueError) as e:
+    except ValueError as e:
+        if "custom code" in str(e):  # transformers refuses an auto_map model without trust_remote_code
+            raise ConfigError([custom_code_problem(path)]) from None
         kept = kept_config_dir(path)
         if kept is not None:
             return AutoConfig.from_pretrained(kept)
         raise ConfigError([f"model.name_or_path: cannot read the config.json of {path!r} ({e})"]) from None
+    except OSError as e:
+        kept = kept_config_dir(path)
+        if kept is not None:
+            return AutoConfig.from_pretrained(kept)
+        raise ConfigError([f"model.name_or_path: cannot read the config.json of {path!r} ({e})"]) from None
+
+
+def custom_code_problem(name: str) -> str:
+    return (
+        f"model.name_or_path: {name} ships its own Python code (auto_map in its config.json); tick "
+        "model.trust_remote_code to run it, in the training job only (never in this server), or pick a model "
+        "transformers knows"
+    )
 
 
 def check_model(cfg: RunConfig, run_model_code: bool = False) -> None:
