@@ -93,10 +93,19 @@ def evaluation_view(ctx: AppContext, run_id: str | None) -> tuple[str, list[list
     return (progress_md(jobs[0]) if jobs else ""), eval_rows(result), figure, eval_examples(result)
 
 
+def not_listed_md(lines: list[str]) -> str:
+    """The run dirs the server found at startup but could not read: named with the reason, never deleted."""
+    if not lines:
+        return ""
+    shown = "\n".join(f"- `{line}`" for line in lines)
+    return f"**Not listed** (found in the runs dir at startup, unreadable; left as they are):\n{shown}"
+
+
 def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     with gr.Row():
         refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="runs-table", label="All runs")
+    gr.Markdown(not_listed_md(ctx.manager.not_listed), elem_id="runs-not-listed")
     gr.Markdown(
         "### Compare runs\nTick two or more runs: their loss curves overlaid, and the config fields that differ."
     )

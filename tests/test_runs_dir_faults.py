@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from app.context import AppContext
-from app.runs_tab import table_rows, zip_note
+from app.runs_tab import not_listed_md, table_rows, zip_note
 from app.train_tab import monitor_update
 from tests.conftest import ROOT
 from trainer.chat_sources import adapter_choices
@@ -87,6 +87,8 @@ def test_startup_on_corrupt_foreign_and_half_deleted_dirs_lists_every_readable_r
         reasons = "\n".join(skipped)
         for name in [*bad, "status-is-a-dir"]:
             assert f"{name}: not listed: status.json" in reasons
+        page = not_listed_md(ctx.manager.not_listed)  # the Runs tab names them too, not only the server log
+        assert page.startswith("**Not listed**") and all(f"{name}: not listed" in page for name in bad)
         assert "not-utf8: not listed: status.json is not UTF-8" in reasons
         assert "stray-list: not listed: status.json holds a list, expected an object" in reasons
         assert "bad-step: not listed: status.json: step must be a whole number of steps (found text)" in reasons

@@ -67,6 +67,7 @@ class JobManager:
 
     def __init__(self, runs_dir: Path, max_running: int = 1, cwd: Path | None = None):
         self.runs_dir = runs_dir.resolve()
+        self.not_listed: list[str] = []  # dirs adopt_runs_on_disk could not read, each with the reason
         self.registry = Registry(self.runs_dir)
         self.max_running = max_running
         self.cwd = cwd or Path.cwd()
@@ -275,7 +276,8 @@ class JobManager:
     def adopt_runs_on_disk(self) -> list[str]:
         """Register finished run directories made by `lora-workbench train` outside the UI. A directory whose
         status.json cannot be used is left alone and named, with the reason, in the returned (and printed) list."""
-        known, skipped = {j.id for j in self.registry.all()}, []
+        known, skipped = {j.id for j in self.registry.all()}, self.not_listed
+        skipped.clear()
         for path in sorted(self.runs_dir.iterdir()):
             if path.name in known or not path.is_dir():
                 continue
