@@ -60,3 +60,28 @@ def test_evaluate_without_adapter_is_a_clear_error(tmp_path: Path, capsys) -> No
     (run / "config.yaml").write_text("model_preset: tiny\n")
     assert main(["evaluate", str(run), "--data", str(ROOT / "data/sentiment_heldout.jsonl")]) == 1
     assert "no saved adapter" in capsys.readouterr().err
+
+
+def test_train_takes_section_field_overrides_and_records_them(make_config, tmp_path: Path, capsys) -> None:
+    """DESIGN's `train CONFIG.yaml [section.field=value ...]`: the run trains and records the changed fields."""
+    import yaml
+
+    cfg = make_config({"training": {"max_steps": 6}})
+    assert main(["train", str(cfg), "training.max_steps=2", "adapter.target_modules=[q_proj, v_proj]"]) == 0
+    run = only_run(tmp_path / "runs")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["training"]["max_steps"] == 2 and saved["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert max(steps) == 2
+    assert yaml.safe_load(cfg.read_text())["training"]["max_steps"] == 6  # the user's file is left as it was
+
+
+def test_bad_overrides_name_themselves_before_anything_loads(make_config, tmp_path: Path, capsys) -> None:
+    cfg = make_config()
+    assert main(["train", str(cfg), "training.max_stepz=2", "max_steps", "data.max_length=[1"]) == 1
+    err = capsys.readouterr().err
+    assert "override 'max_steps': expected section.field=value" in err
+    assert "override 'data.max_length=[1': the value is not valid YAML" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert main(["train", str(cfg), "training.max_stepz=2"]) == 1
+    assert "training.max_stepz" in capsys.readouterr().err  # pydantic's unknown-key problem names the field

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run one fine-tuning config (exit 0 done, 1 failed, 130/143 stopped)")
     train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="change a field of the config for this run, e.g. training.max_steps=20 (values are YAML)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--run-dir", help="train into this existing run directory (set by the multi-process launcher)")
     machines = train.add_argument_group("several machines (accelerate's flags; num_gpus is per machine)")
@@ -132,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        return run_training(args.config, resume=args.resume, run_dir=args.run_dir, machines=machines)
+        return run_training(
+            args.config, resume=args.resume, run_dir=args.run_dir, machines=machines, overrides=args.overrides
+        )
     if args.command == "estimate":
         from trainer.estimate import estimate_command
 

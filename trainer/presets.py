@@ -62,6 +62,37 @@ def build_config(user: dict[str, Any], source: str | None = None) -> RunConfig:
         raise ConfigError(e.problems, source) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a user's YAML, layer its presets and validate: the one way a config file becomes a RunConfig."""
-    return build_config(read_yaml(path), str(path))
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a user's YAML, apply `section.field=value` overrides, layer its presets and validate: the one way a
+    config file becomes a RunConfig."""
+    return build_config(deep_merge(read_yaml(path), parse_overrides(overrides or [])), str(path))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`training.max_steps=20 adapter.target_modules=[q_proj,v_proj]` as a nested mapping; values are YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected section.field=value, e.g. training.max_steps=20")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            problems.append(f"override {item!r}: the value is not valid YAML (quote it: {key}='...')")
+            continue
+        *sections, field = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {section} was given a value above")
+                break
+        else:
+            node[field] = value
+    if problems:
+        raise ConfigError(problems)
+    return out

@@ -66,6 +66,15 @@ def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
     return run
 
 
+def note_overrides(config: Path, cfg: RunConfig, overrides: list[str]) -> None:
+    """Rewrite a run's config.yaml with the overrides applied (what the run will train), keeping the old one."""
+    before = config.with_name("config.before-overrides.yaml")
+    if not before.exists():
+        before.write_bytes(config.read_bytes())
+    config.write_text(cfg.to_yaml(), encoding="utf-8")
+    print(f"{config}: {' '.join(overrides)} applied (the earlier file is kept as {before.name})")
+
+
 def total_optimizer_steps(cfg: RunConfig, n_train: int, world_size: int) -> int:
     """Optimizer steps the Trainer will run (its own formula), needed up front by AdaLoRA's schedule."""
     t = cfg.training
@@ -442,7 +451,11 @@ def execute(s: Session) -> int:
 
 
 def run_training(
-    config_path: str, resume: bool = False, run_dir: str | None = None, machines: Machines = ONE_MACHINE
+    config_path: str,
+    resume: bool = False,
+    run_dir: str | None = None,
+    machines: Machines = ONE_MACHINE,
+    overrides: list[str] | None = None,
 ) -> int:
     """One run. run_dir: the directory every rank of a multi-process run shares (the launching parent chose it).
 
@@ -451,7 +464,7 @@ def run_training(
     stop = StopRequest()
     try:
         with stop.installed():
-            return train_run(stop, Path(config_path), resume, run_dir, machines)
+            return train_run(stop, Path(config_path), resume, run_dir, machines, overrides or [])
     except KeyboardInterrupt:  # stopped twice before the run had a directory to record it in
         return stop.exit_code()
     finally:
@@ -459,14 +472,18 @@ def run_training(
             leave_process_group()
 
 
-def train_run(stop: StopRequest, path: Path, resume: bool, run_dir: str | None, machines: Machines) -> int:
+def train_run(
+    stop: StopRequest, path: Path, resume: bool, run_dir: str | None, machines: Machines, overrides: list[str]
+) -> int:
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, overrides)
         if resume and cfg.training.resume_from_checkpoint is None:
             cfg.training.resume_from_checkpoint = "latest"
         if run_dir and not Path(run_dir, "config.yaml").is_file():
             raise ConfigError([f"--run-dir {run_dir}: not a run directory (it holds no config.yaml)"])
         run = RunDir(Path(run_dir), writer=is_main_process()) if run_dir else open_run_dir(cfg, path, resume)
+        if overrides and run.config.resolve() == path.resolve():  # an existing run's own config: record what changed
+            note_overrides(run.config, cfg, overrides)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         mark_failed_if_run_dir(path, str(e))
