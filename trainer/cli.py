@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["16bit", "dequantized"],
         help="16bit: merge into the unquantized base; dequantized: into the 4/8-bit base as trained, dequantized",
     )
+    ex.add_argument(
+        "--format", default="safetensors", choices=["safetensors", "gguf"], help="gguf: for llama.cpp and Ollama"
+    )
+    ex.add_argument(
+        "--quant",
+        default="q8_0",
+        help="GGUF type: f16, bf16, q8_0; q4_k_m, q5_k_m, q6_k where llama-quantize is built (default q8_0)",
+    )
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export passed")
     ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export (token: HF_TOKEN or `hf auth login`)")
     ex.add_argument("--status-dir", help="also write status.json, result.json and export_report.json there")

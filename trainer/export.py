@@ -73,6 +73,8 @@ class ExportRequest:
     push_to_hub: str | None = None
     status_dir: Path | None = None
     out_root: Path | None = None  # the page's <runs_dir>/exports: out must lie inside it; None from the CLI
+    format: Literal["safetensors", "gguf"] = "safetensors"  # gguf: trainer/gguf_export.py (dtype is then unused)
+    quant: str = "q8_0"  # of a GGUF export
 
 
 def parse_shard_size(text: str) -> int:
@@ -161,6 +163,12 @@ def validate_request(req: ExportRequest) -> AdapterSource:
     except ValueError:
         problems.append(f"--max-shard-size: {req.max_shard_size!r} is not a size; use e.g. 2GB, 500MB or 1GiB")
     problems += out_dir_problems(req.out.expanduser().resolve(), source, req.overwrite, req.out_root)
+    if req.format not in ("safetensors", "gguf"):
+        problems.append(f"--format: {req.format!r} is not one of safetensors, gguf")
+    elif req.format == "gguf":
+        from trainer.gguf_export import gguf_problems
+
+        problems += gguf_problems(req.quant, req.push_to_hub)
     if req.push_to_hub and not problems:  # the hub round trip only for an otherwise valid request
         problems += push_problems(req.push_to_hub)
     if problems:
@@ -306,10 +314,17 @@ def push(out: Path, repo_id: str) -> str:
 
 def run_export(req: ExportRequest) -> dict[str, Any]:
     """Validate, merge, save, check and (optionally) push; returns the export report. Raises on failure."""
-    progress = Progress(["load", "merge", "save", "fidelity"] + (["push"] if req.push_to_hub else []), req.status_dir)
+    if req.format == "gguf":
+        from trainer.gguf_export import K_QUANTS, export_gguf
+
+        phases, work = ["load", "merge", "convert"] + (["quantize"] if req.quant in K_QUANTS else []), export_gguf
+        phases.append("check")
+    else:
+        phases, work = ["load", "merge", "save", "fidelity"] + (["push"] if req.push_to_hub else []), _export
+    progress = Progress(phases, req.status_dir)
     progress.status.start()
     try:
-        report = _export(req, progress)
+        report = work(req, progress)
     except Exception as e:
         expected = isinstance(e, (AdapterError, ConfigError, ExportError))
         progress.copy_report(getattr(e, "report", None))
@@ -439,6 +454,8 @@ def export_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
         status_dir=Path(args.status_dir) if args.status_dir else None,
+        format=args.format,
+        quant=args.quant,
     )
     try:
         report = run_export(req)
@@ -449,5 +466,8 @@ def export_command(args: argparse.Namespace) -> int:
         traceback.print_exc()
         return 1
     mb = report["size_bytes"] / 1e6
+    if req.format == "gguf":
+        print(f"[export] done: {report['out']}/{report['gguf']} ({mb:.1f} MB, {report['quant']}) + Modelfile")
+        return 0
     print(f"[export] done: {report['out']} ({len(report['shards'])} shard(s), {mb:.1f} MB, {report['dtype']})")
     return 0

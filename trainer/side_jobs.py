@@ -19,6 +19,8 @@ def export_args(req: ExportRequest) -> list[str]:
     validate_request(req)
     args = ["--adapter", str(req.adapter), "--out", str(req.out), "--dtype", req.dtype]
     args += ["--max-shard-size", req.max_shard_size, "--merge-into", req.merge_into]
+    if req.format == "gguf":
+        args += ["--format", "gguf", "--quant", req.quant]
     if req.base:
         args += ["--base", req.base]
     if req.overwrite:
@@ -67,6 +69,8 @@ def export_result_md(job: Job) -> str:
         return ""
     f = report.get("fidelity") or {}
     lines = []
+    if report.get("format") == "gguf":
+        return gguf_result_md(report, job.state == "completed")
     if "out" in report and job.state == "completed":
         mb = report.get("size_bytes", 0) / 1e6
         lines.append(
@@ -84,6 +88,23 @@ def export_result_md(job: Job) -> str:
         lines.append(trained)
     if report.get("pushed_to"):
         lines.append(f"Pushed to {report['pushed_to']}")
+    return "\n\n".join(lines)
+
+
+def gguf_result_md(report: dict[str, Any], completed: bool) -> str:
+    """A GGUF export's file and each of its checks; a failed one's reasons."""
+    f, eos = report.get("logits") or {}, report.get("eos") or {}
+    lines = []
+    if completed:
+        mb = report.get("size_bytes", 0) / 1e6
+        lines.append(f"GGUF: `{report['out']}/{report['gguf']}` ({mb:.1f} MB, {report['quant']}) + `Modelfile`")
+    if f:
+        lines.append(
+            f"GGUF check {'passed' if not report.get('failures') else 'FAILED'}: max |logit diff| "
+            f"{f['max_abs_logit_diff']:.3g} (tolerance {f['tolerance']:.3g}), greedy-token agreement "
+            f"{f.get('greedy_agreement', 0):.1%}; reply to {eos.get('prompt', '')!r}: {eos.get('reply', '')!r}"
+        )
+    lines += [f"- {x}" for x in report.get("failures") or []]
     return "\n\n".join(lines)
 
 

@@ -1,0 +1,119 @@
+"""llama.cpp's own GGUF tools, fetched the way the built-in model is: its converter from PyPI, its quantizer if built.
+
+The `llama-cpp-python` source distribution (76 MB) vendors llama.cpp. Its Python half, `convert_hf_to_gguf.py`
+with the `conversion/` package and `gguf-py`, needs no compiler: it is extracted once into
+<cache>/llama.cpp-VERSION and run as a subprocess on a saved checkpoint. Where it comes from, first found wins:
+$LLAMA_CPP_DIR (a llama.cpp checkout, e.g. in the Docker image), the extracted copy, an sdist already in
+<cache>/downloads, else `pip download --no-deps --no-binary :all: llama-cpp-python==VERSION` (checked against its
+sha256). k-quants (q4_k_m, ...) need the compiled `llama-quantize`: $LLAMA_QUANTIZE or on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from trainer.builtin_models import Log, _locked, check_sha256, print_log
+
+VERSION = "0.3.36"
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_MB = 76
+VENDORED = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+# The converter's Python files: the script, its per-architecture package and the gguf library it was written with.
+PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+CONVERTER = "convert_hf_to_gguf.py"
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp's converter or quantizer is missing or failed; the message says what to do."""
+
+
+def ensure_converter(cache: Path, log: Log = print_log) -> Path:
+    """The directory holding convert_hf_to_gguf.py; fetched and extracted once, safe with several processes."""
+    if env := os.environ.get("LLAMA_CPP_DIR"):
+        if not (Path(env) / CONVERTER).is_file():
+            raise LlamaCppError(f"$LLAMA_CPP_DIR={env} holds no {CONVERTER}; point it at a llama.cpp checkout")
+        return Path(env)
+    target = cache / f"llama.cpp-{VERSION}"
+    if (target / CONVERTER).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / f".llama.cpp-{VERSION}.lock", log):
+        if (target / CONVERTER).is_file():  # another process extracted it while we waited
+            return target
+        sdist = cache / "downloads" / SDIST
+        if not sdist.is_file():
+            download_sdist(sdist.parent, log)
+        check_sha256(sdist, SDIST_SHA256)
+        extract(sdist, target, log)
+    return target
+
+
+def download_sdist(downloads: Path, log: Log) -> None:
+    log(f"downloading llama-cpp-python=={VERSION} ({SDIST_MB} MB source, for llama.cpp's converter) into {downloads}")
+    downloads.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--progress-bar", "off"]
+    proc = subprocess.run([*cmd, "-d", str(downloads), f"llama-cpp-python=={VERSION}"], capture_output=True, text=True)
+    if proc.returncode != 0 or not (downloads / SDIST).is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise LlamaCppError(
+            f"could not download llama-cpp-python=={VERSION} (llama.cpp's GGUF converter) from PyPI:\n{tail}\n"
+            f"Fix: on a machine with access run `pip download --no-deps --no-binary :all: "
+            f"llama-cpp-python=={VERSION}` and copy {SDIST} into {downloads}, or set $LLAMA_CPP_DIR to a llama.cpp "
+            "checkout."
+        )
+
+
+def extract(sdist: Path, target: Path, log: Log) -> None:
+    """Only the converter's Python files, into a temp dir renamed into place when whole."""
+    log(f"extracting llama.cpp's converter from {sdist.name} into {target}")
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        with tarfile.open(sdist) as tar:
+            wanted = [m for m in tar.getmembers() if m.name.removeprefix(VENDORED).startswith(PARTS)]
+            for m in wanted:
+                m.name = m.name.removeprefix(VENDORED)
+            tar.extractall(tmp, members=wanted, filter="data")  # "data": no links out, no absolute paths
+        tmp.chmod(0o755)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_tool(cmd: list[str], what: str, log: Log, env: dict[str, str] | None = None) -> None:
+    """Run a llama.cpp tool, its output into the log; a failure raises with the output's last lines."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip() and "Writing:" not in x]
+    for line in [x for x in lines if x.startswith(("INFO:hf-to-gguf", "WARNING", "ERROR"))][-4:]:
+        log(line)  # the converter's own summary; its other lines (the whole chat template, per tensor) stay out
+    if proc.returncode != 0:
+        tail = "\n".join(lines[-6:])
+        raise LlamaCppError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, log: Log = print_log) -> None:
+    """llama.cpp's convert_hf_to_gguf.py on a saved transformers checkpoint."""
+    env = os.environ | {"PYTHONPATH": str(converter)}  # its `conversion` package; gguf-py it puts on sys.path itself
+    cmd = [sys.executable, str(converter / CONVERTER), str(model_dir), "--outfile", str(outfile)]
+    run_tool([*cmd, "--outtype", outtype], f"llama.cpp's {CONVERTER} --outtype {outtype}", log, env)
+
+
+def find_quantizer() -> str | None:
+    """The compiled llama-quantize: $LLAMA_QUANTIZE, else on PATH."""
+    return os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+
+
+def quantize(source: Path, outfile: Path, quant: str, log: Log = print_log) -> None:
+    quantizer = find_quantizer()
+    if quantizer is None:
+        raise LlamaCppError(
+            f"--quant {quant}: needs llama.cpp's llama-quantize (set $LLAMA_QUANTIZE or put it on PATH)"
+        )
+    run_tool([quantizer, str(source), str(outfile), quant.upper()], f"llama-quantize {quant}", log)
