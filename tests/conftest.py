@@ -40,6 +40,14 @@ def real_model() -> Path:
     return ensure_builtin(SMOLLM2, cache_root("runs"))
 
 
+@pytest.fixture(scope="session")
+def real_run(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short LoRA run of the built-in real model on data the project does not ship, trained once per session."""
+    from tests.test_real_model import train_unseen_run
+
+    return train_unseen_run(tmp_path_factory)
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, tiny_model: Path):
     """Write a small tiny-model config (a few steps) with overrides; returns its path."""

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_real_model import real_run  # noqa: F401  its module fixture: one adapter for this file
 from tests.test_side_jobs import job_in
 from trainer.builtin_models import cache_root
 from trainer.export import ExportError, ExportRequest, run_export
@@ -35,8 +34,8 @@ def converter() -> Path:
 
 
 @pytest.fixture(scope="module")
-def gguf_run(converter: Path, real_run: Path) -> Path:  # noqa: F811  (the imported fixture)
-    """test_real_model's short LoRA run (a style the base never has), trained once for this file; after the
+def gguf_run(converter: Path, real_run: Path) -> Path:
+    """The session's short LoRA run of the real model (a style the base never has, conftest's real_run); after the
     converter, so that a missing converter skips before any training."""
     return real_run
 

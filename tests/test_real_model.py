@@ -76,10 +76,9 @@ def train_lines(run: Path) -> list[dict]:
     return [x for x in lines if x["kind"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def real_run(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One LoRA run of the real model on a dataset the project has never seen, shared by the chat, export and
-    evaluate tests."""
+def train_unseen_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One LoRA run of the real model on a dataset the project has never seen: conftest's session fixture
+    `real_run`, shared by the chat, export, evaluate and GGUF tests."""
     from trainer.train import run_training
 
     root = tmp_path_factory.mktemp("real-lora")
