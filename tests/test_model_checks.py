@@ -68,6 +68,8 @@ def test_a_target_module_list_naming_no_layer_is_refused_by_the_estimate_and_sta
     refused_everywhere(ctx, typo, "adapter.target_modules: 'v_prj' is no layer of this model; did you mean v_proj")
     regex = form(ctx, tiny_model, {"adapter.target_modules": r".*\.q_prj"})
     refused_everywhere(ctx, regex, r"adapter.target_modules: the regex '.*\\.q_prj' matches no layer of this model")
+    commas = form(ctx, tiny_model, {"adapter.target_modules": "q_proj,v_proj"})  # read as one regex, as PEFT does
+    refused_everywhere(ctx, commas, "for a list write [q_proj, v_proj]")
 
 
 def test_a_valid_target_module_list_trains_exactly_the_layers_plain_peft_does(ctx, tiny_model):

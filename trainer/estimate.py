@@ -74,11 +74,14 @@ def estimate(cfg: RunConfig, gpu: tuple[int | None, str | None] | None = None) -
 
 
 def estimate_command(config_path: str, gpu_memory_gb: float | None = None) -> int:
+    from trainer.log_tee import quiet_unused_kernels
     from trainer.presets import load_config
 
     gpu = (int(gpu_memory_gb * 2**30), f"a {gpu_memory_gb:g} GB GPU") if gpu_memory_gb else None
     try:
-        result = estimate(load_config(config_path), gpu)
+        cfg = load_config(config_path)
+        quiet_unused_kernels(cfg.quantization.mode != "none")  # before the estimate imports peft
+        result = estimate(cfg, gpu)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 1

@@ -145,9 +145,12 @@ def layer_problems(cfg: RunConfig, names: list[str]) -> list[str]:
     if isinstance(target, str):  # a regex over full module names
         if _matches(target, names):
             return []
+        example = next((n for n in names if n.count(".") > 1), names[0] if names else "")
+        listed = [t.strip() for t in target.split(",")]
+        hint = f"; for a list write [{', '.join(listed)}]" if "," in target and all(listed) else ""
         return [
             f"adapter.target_modules: the regex {target!r} matches no layer of this model (it must match a whole "
-            f"name such as {names[-1]!r}); layer names: {', '.join(leaves)}"
+            f"name such as {example!r}){hint}; layer names: {', '.join(leaves)}"
         ]
     where = f" (in the model preset's group {tm!r})" if isinstance(tm, str) else ""
     problems = []
