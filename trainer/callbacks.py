@@ -129,6 +129,7 @@ class StopSignal(TrainerCallback):
             if agreed:  # never cleared here: a signal may arrive while the ranks agree
                 self.signum = agreed
         if self.signum is not None:
+            self.request.say_unsaid()
             control.should_training_stop = True
             control.should_save = False
         return control

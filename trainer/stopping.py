@@ -49,6 +49,7 @@ class StopRequest:
         self.signum: int | None = None
         self.training = False
         self.interrupted_twice = False
+        self.unsaid: str | None = None
         self.signals = SignalOnce()
 
     def on_signal(self, signum: int, _frame: Any) -> None:
@@ -59,11 +60,20 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         then = "after the current step and saving the adapter" if self.training else "before training begins"
-        print(f"received {signal.Signals(signum).name}: stopping {then}", flush=True)
+        # Said by the main flow (the next stage check or step end), never here: a signal that lands while the main
+        # thread writes to the same stream (a progress bar) makes a print in the handler a reentrant write.
+        self.unsaid = f"received {signal.Signals(signum).name}: stopping {then}"
+
+    def say_unsaid(self) -> None:
+        """Print the stop notice the handler recorded, once."""
+        if self.unsaid:
+            print(self.unsaid, flush=True)
+            self.unsaid = None
 
     def check(self) -> None:
         """Raise RunStopped if a stop signal has come (called between the stages before training)."""
         if self.signum is not None:
+            self.say_unsaid()
             raise RunStopped
 
     def exit_code(self) -> int:

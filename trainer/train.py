@@ -442,6 +442,7 @@ def execute(s: Session) -> int:
         print(str(e), file=sys.stderr)
         return finish(s, "failed", EXIT_FAILED, str(e))
     except (RunStopped, KeyboardInterrupt):
+        s.request.say_unsaid()
         return finish(s, "stopped", s.request.exit_code(), s.request.error())
     except torch.OutOfMemoryError as e:
         return finish(s, "failed", EXIT_FAILED, oom_message(e))
