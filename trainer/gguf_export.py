@@ -76,7 +76,9 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(  # GGUF holds no pickles; use_safetensors keeps any fallback off
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, use_safetensors=True
+    )
     return model.eval(), tokenizer
 
 
