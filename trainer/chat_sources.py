@@ -3,13 +3,12 @@ or a directory the user types (allowed only inside the server's roots: trainer/p
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 from trainer.adapter_source import AdapterError
 from trainer.model_checks import hub_model_problem
-from trainer.paths import inside_roots, refusal
+from trainer.paths import HUB_ID_RE, inside_roots, refusal
 from trainer.registry import Job
 from trainer.runs_index import config_section, read_config
 
@@ -57,9 +56,6 @@ def gpu_busy_warning(jobs: list[Job], cuda: bool) -> str | None:
         f"Training job {', '.join(running)} is using the GPU. A second model there can run it out of memory. "
         "Press Load again to load anyway."
     )
-
-
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_base(text: str, roots: list[Path]) -> str | None:

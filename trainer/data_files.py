@@ -9,13 +9,12 @@ import csv
 import io
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.paths import PROJECT_ROOT, inside_roots, refusal, resolve_local
+from trainer.paths import HUB_ID_RE, PROJECT_ROOT, inside_roots, refusal, resolve_local
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DEEP_LEVELS = 100  # a row is an object of texts and short lists; json.loads gives up near Python's recursion limit
@@ -89,12 +88,9 @@ def locate(source: str, roots: list[Path] | None = None) -> Path | None:
     raise DataError(source, ["file not found (looked in the working directory and the project's data/)"])
 
 
-HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # Org/name, or a canonical name such as imdb
-
-
 def _is_hub_id(source: str) -> bool:
     path = Path(source)
-    return path.suffix.lower() not in SUFFIXES and ".." not in path.parts and bool(HUB_DATASET_RE.match(source))
+    return path.suffix.lower() not in SUFFIXES and ".." not in path.parts and bool(HUB_ID_RE.match(source))
 
 
 def read_file(path: Path) -> list[Row]:

@@ -4,11 +4,13 @@ a page user may name (the roots the server was started with)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = PROJECT_ROOT / "presets"
 DATA_DIR = PROJECT_ROOT / "data"
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a hub repo id: Org/name, or a bare one such as imdb
 BUNDLED_DIRS = (DATA_DIR, PROJECT_ROOT / "examples")  # what the page may always read besides the runs dir
 
 
