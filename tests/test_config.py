@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from trainer.config import ConfigError, RunConfig, resolved_target_modules
-from trainer.device import hardware_problems, plan
+from trainer.device import cpu_bf16_flags, cpu_precision, hardware_problems, plan
 from trainer.presets import build_config, list_presets, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,12 @@ def test_hardware_problems_on_a_cpu_machine() -> None:
     loftq = build_config({"recipe": "loftq"})
     assert any("loftq needs a CUDA GPU" in p for p in hardware_problems(loftq, cuda=False, gpu_count=0, bf16_ok=False))
     bf16 = build_config({"training": {"precision": "bf16"}})
-    assert any("training.precision: bf16 needs a GPU" in p for p in hardware_problems(bf16, False, 0, False))
+    assert any(
+        "bf16 on this CPU would be emulated" in p for p in hardware_problems(bf16, False, 0, False, cpu_flags=[])
+    )
+    assert hardware_problems(bf16, False, 0, False, cpu_flags=["avx512_bf16"]) == []
+    fp16 = build_config({"training": {"precision": "fp16"}})
+    assert any("training.precision: fp16 needs a GPU" in p for p in hardware_problems(fp16, False, 0, False))
     fa = build_config({"model": {"attn_implementation": "flash_attention_2"}})
     assert hardware_problems(fa, False, 0, False)
     assert hardware_problems(build_config({}), False, 0, False) == []
@@ -147,3 +152,23 @@ def test_device_plan_picks_precision() -> None:
     gpu = plan(cfg, cuda=True, bf16_ok=True)
     assert (gpu.precision, gpu.compute_dtype) == ("bf16", "bfloat16")
     assert plan(cfg, cuda=True, bf16_ok=False).precision == "fp16"
+    cpu_bf16 = plan(cfg, cuda=False, bf16_ok=False, cpu_bf16=True)  # the CPU's mixed precision, as on a GPU
+    assert (cpu_bf16.precision, cpu_bf16.model_dtype, cpu_bf16.compute_dtype) == ("bf16", "bfloat16", "bfloat16")
+    assert cpu_bf16.trainer_flags == {"use_cpu": True, "bf16": True, "fp16": False}
+    pinned = build_config({"training": {"precision": "fp32"}})
+    assert plan(pinned, cuda=False, bf16_ok=False, cpu_bf16=True).precision == "fp32"
+
+
+def test_cpu_precision_takes_bf16_only_where_it_pays(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_bf16_flags(cpuinfo) == ["avx512_bf16"]
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_bf16_flags(cpuinfo) == []
+    assert cpu_bf16_flags(tmp_path / "absent") == []
+    wide, why = cpu_precision(576, ["avx512_bf16"])
+    assert wide and "avx512_bf16" in why and "576" in why
+    narrow, why = cpu_precision(64, ["amx_bf16"])
+    assert not narrow and "measured slower" in why and "benchmarks/cpu_bf16.py" in why
+    emulated, why = cpu_precision(4096, [])
+    assert not emulated and "no native bf16" in why

@@ -120,8 +120,12 @@ def test_metrics_lines_follow_the_contract(make_config) -> None:
     assert len(system) == 6 and all(x.get("cpu_rss_gb", 0) > 0 or "gpu_mem_allocated_gb" in x for x in system)
     events = [x["event"] for x in lines if x["kind"] == "event"]
     assert events[0] == "start" and "data" in events and events[-1] == "end"
+    precision = next(x for x in lines if x.get("event") == "precision")  # what 'auto' became, and why
+    assert precision["precision"] in ("bf16", "fp16", "fp32") and precision["reason"].startswith(
+        precision["precision"]
+    )
     log = (run / "train.log").read_text()
-    assert "completed" in log and "'loss'" in log
+    assert "completed" in log and "'loss'" in log and "training.precision auto -> " in log
     assert (run / "checkpoints" / "checkpoint-6" / "CHECKPOINT_COMPLETE").is_file()
 
 

@@ -85,7 +85,9 @@ class QuantizationSection(Section):
         True, description="Also quantize the per-block scales (QLoRA's double quantization): ~0.4 bit/param saved."
     )
     compute_dtype: Dtype = Field(
-        "auto", description="dtype the 4-bit weights are dequantized to for matmuls. auto: bf16 on GPU, fp32 on CPU."
+        "auto",
+        description="dtype the 4-bit weights are dequantized to for matmuls. auto: the training precision's "
+        "(bf16 on a GPU, and on a CPU where training.precision auto takes bf16; else fp32).",
     )
 
 
@@ -219,7 +221,10 @@ class TrainingSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of AdamW.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Mixed precision. auto: bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."
+        "auto",
+        description="Mixed precision (master weights and optimizer stay fp32). auto: bf16 on a GPU that supports "
+        "it, fp16 on older GPUs; on a CPU bf16 where it has native bf16 (amx_bf16/avx512_bf16) and the model's "
+        "hidden size is >= 512 (about 3x faster there, benchmarks/cpu_bf16.py), else fp32.",
     )
     seed: int = Field(42, description="Random seed (data order, adapter init, dropout).")
     logging_steps: int = Field(10, ge=1, description="Write a metrics line every N optimizer steps.")

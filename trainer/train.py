@@ -172,7 +172,6 @@ def prepare(s: Session):
     problems = device.hardware_problems(s.cfg, cuda, gpus, bf16_ok, tf32_ok)
     if problems:
         raise ConfigError(problems)
-    plan = device.plan(s.cfg, cuda, bf16_ok, tf32_ok)
     if s.cfg.model.trust_remote_code:
         warning = (
             f"model.trust_remote_code is true: Python files shipped with {s.cfg.model.name_or_path} will run in "
@@ -181,6 +180,7 @@ def prepare(s: Session):
         print(f"WARNING: {warning}")
         s.run.event(0, "warning", message=warning)
     check_model(s.cfg, run_model_code=True)  # from config.json: target layers, max_length, the model is here
+    plan = device.plan(s.cfg, cuda, bf16_ok, tf32_ok, decide_precision(s, cuda, bf16_ok))
     path = model_path(s.cfg)
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
@@ -216,6 +216,25 @@ def prepare(s: Session):
         precision=plan.precision,
     )
     return plan, path, tokenizer, data
+
+
+def decide_precision(s: Session, cuda: bool, bf16_ok: bool) -> bool:
+    """precision 'auto': what it becomes here, in the log and as an event; True when a CPU run takes bf16."""
+    from trainer import device
+    from trainer.model_checks import read_model_config
+
+    if s.cfg.training.precision != "auto":
+        return False
+    if cuda:
+        cpu_bf16, choice = False, "bf16" if bf16_ok else "fp16"
+        why = f"{choice}: {'this GPU supports bf16' if bf16_ok else 'this GPU has no bf16'}"
+    else:
+        hidden = getattr(read_model_config(s.cfg).get_text_config(), "hidden_size", None)
+        cpu_bf16, why = device.cpu_precision(hidden, device.cpu_bf16_flags())
+        choice = "bf16" if cpu_bf16 else "fp32"
+    print(f"training.precision auto -> {why}")
+    s.run.event(0, "precision", precision=choice, reason=why)
+    return cpu_bf16
 
 
 def record_memory_estimate(s: Session) -> MemoryEstimate | None:
