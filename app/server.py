@@ -24,6 +24,7 @@ from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
 from trainer.builtin_models import cache_root
 from trainer.jobs import JobManager
+from trainer.runs_lock import LOCK_NAME, RunsDirBusy, hold_runs_dir
 from trainer.uploads import UPLOAD_LIMIT_MB
 
 AUTH_ENV = "LORA_WORKBENCH_AUTH"  # USER:PASS
@@ -114,7 +115,8 @@ def served_files(runs_dir: Path) -> dict[str, list[str]]:
     the hub token stay unreachable through /file=, even for a signed-in user who guesses a path)."""
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     caches = [runs_dir / ".cache", cache_root(runs_dir)]
-    blocked = [runs_dir / "registry.sqlite", runs_dir / ".jobs", *caches, hf_home, Path.home() / ".ssh"]
+    blocked = [runs_dir / "registry.sqlite", runs_dir / ".jobs", runs_dir / LOCK_NAME, *caches, hf_home]
+    blocked.append(Path.home() / ".ssh")
     return {
         "allowed_paths": [str(runs_dir / ".downloads")],
         "blocked_paths": [str(p.resolve()) for p in blocked],
@@ -162,6 +164,10 @@ def serve(
     if missing:
         raise LaunchError(f"--data-dir {missing[0]}: no such directory")
     root = Path(runs_dir).resolve()
+    try:  # before the queue starts: a second server must not launch the first one's queued jobs
+        runs_lock = hold_runs_dir(root, f"http://{host}:{port}")
+    except RunsDirBusy as e:
+        raise LaunchError(str(e)) from None
     manager = JobManager(root, max_running=max_running)
     manager.adopt_runs_on_disk()
     manager.start()
@@ -190,3 +196,4 @@ def serve(
         )
     finally:
         manager.shutdown()  # running jobs go on; the next server re-attaches them
+        runs_lock.close()
