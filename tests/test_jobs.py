@@ -112,7 +112,9 @@ def test_killed_trainer_is_failed_with_log_tail(make_config, manager: JobManager
     wait_until(lambda: manager.registry.get(job_id).state == "failed", manager=manager)
     job = manager.registry.get(job_id)
     assert "the training process died (exit code -9)" in job.error and "trainable" in job.error
-    assert read_status(Path(job.run_dir))["state"] == "failed"
+    status = read_status(Path(job.run_dir))
+    assert status["state"] == "failed" and status["failure"]["kind"] == "killed"
+    assert "out-of-memory killer" in status["failure"]["hint"]
 
 
 def test_recycled_pid_is_not_taken_for_our_job(make_config, manager: JobManager, tmp_path: Path) -> None:

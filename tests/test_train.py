@@ -79,6 +79,7 @@ def test_loftq_needs_a_gpu(make_config) -> None:
     assert run_training(str(cfg_path)) == 1
     status = json.loads((only_run(cfg_path.parent / "runs") / "status.json").read_text())
     assert status["state"] == "failed" and "loftq needs a CUDA GPU" in status["error"]
+    assert status["failure"]["kind"] == "config" and status["failure"]["message"] == status["error"]
 
 
 @pytest.mark.gpu
@@ -159,6 +160,7 @@ def test_nan_loss_stops_the_run_as_failed(make_config, tiny_model: Path, tmp_pat
     run = only_run(cfg_path.parent / "runs")
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "became nan at step 1" in status["error"]
+    assert status["failure"]["kind"] == "nan" and "learning_rate" in status["failure"]["hint"]
     assert status["step"] < 20
     train = [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
     assert train[0]["loss"] is None and "loss" in train[0]["nonfinite"]  # shown, as strict JSON, not hidden
@@ -172,6 +174,7 @@ def test_bad_data_fails_before_the_model_loads(make_config, tmp_path: Path) -> N
     run = only_run(cfg_path.parent / "runs")
     status = json.loads((run / "status.json").read_text())
     assert "bad.jsonl" in status["error"] and "line 2: invalid JSON" in status["error"]
+    assert status["failure"]["kind"] == "data" and "file and line" in status["failure"]["hint"]
     assert not any(x.get("event") == "model_loaded" for x in read_metrics(run / "metrics.jsonl"))
 
 

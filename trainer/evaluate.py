@@ -197,13 +197,13 @@ def evaluate_command(
         r = evaluate_run(Path(run_dir), data, max_new_tokens, limit, status)
     except (ConfigError, DataError) as e:
         print(str(e), file=sys.stderr)
-        status.fail(str(e))
+        status.fail(str(e), exc=e)
         return 1
     except Exception as e:  # the job view shows the message; the traceback stays in the log
         import traceback
 
         traceback.print_exc()
-        status.fail(f"{type(e).__name__}: {e}")
+        status.fail(f"{type(e).__name__}: {e}", exc=e)
         return 1
     status.finish(r)
     print_summary(r)

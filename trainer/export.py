@@ -328,7 +328,7 @@ def run_export(req: ExportRequest) -> dict[str, Any]:
     except Exception as e:
         expected = isinstance(e, (AdapterError, ConfigError, ExportError))
         progress.copy_report(getattr(e, "report", None))
-        progress.status.fail(str(e) if expected else f"{type(e).__name__}: {e}")
+        progress.status.fail(str(e) if expected else f"{type(e).__name__}: {e}", exc=e)
         raise
     progress.copy_report(report)
     progress.status.finish(report)

@@ -33,9 +33,13 @@ class JobStatus:
             write_json_atomic(self.dir.path / "result.json", result)
         self._write(state="completed", step=self.phases, exit_code=0, ended_at=time.time(), phase="done")
 
-    def fail(self, error: str, exit_code: int = 1) -> None:
-        """The caller has already printed the error (to stderr, which the job's log also captures)."""
-        self._write(state="failed", error=error, exit_code=exit_code, ended_at=time.time())
+    def fail(self, error: str, exit_code: int = 1, exc: BaseException | None = None, kind: str | None = None) -> None:
+        """The caller has already printed the error (to stderr, which the job's log also captures). The failure's
+        kind comes from the exception caught, or is given (kind), else 'internal'."""
+        from trainer.failure import classify, failure
+
+        why = classify(exc, error) if exc is not None else failure(kind or "internal", error)  # type: ignore[arg-type]
+        self._write(state="failed", error=error, failure=why.to_status(), exit_code=exit_code, ended_at=time.time())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

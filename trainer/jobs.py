@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from trainer.config import RunConfig
+from trainer.failure import Failure, died, failure
 from trainer.launch import train_argv
 from trainer.log_tee import CAPTURED_ENV
 from trainer.registry import Job, Registry
@@ -210,13 +211,19 @@ class JobManager:
             process = "training" if job.kind == "train" else job.kind
             state, error = "failed", f"the {process} process died ({how}). Last lines of {log.name}:\n"
             error += log_tail(log.parent, name=log.name)
-        self._settle(job, state, error, exit_code)
+            return self._settle(job, state, error, exit_code, died(exit_code, error))
+        self._settle(job, state, error, exit_code, failure("killed", error) if state == "failed" else None)
 
-    def _settle(self, job: Job, state: str, error: str, exit_code: int | None = None) -> None:
+    def _settle(
+        self, job: Job, state: str, error: str, exit_code: int | None = None, why: Failure | None = None
+    ) -> None:
         """A final state the job's process did not write itself: into its status.json and the registry."""
         now = time.time()
+        structured = why.to_status() if why is not None else None
         try:
-            RunDir(Path(job.run_dir)).write_status(state=state, error=error, exit_code=exit_code, ended_at=now)
+            RunDir(Path(job.run_dir)).write_status(
+                state=state, error=error, exit_code=exit_code, failure=structured, ended_at=now
+            )
         except FileNotFoundError:  # its directory was removed: the registry alone keeps the outcome
             pass
         self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=now)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError, RunConfig
+from trainer.failure import died
 from trainer.paths import PRESETS_DIR
 from trainer.run_dir import FINAL_STATES, RunDir, read_status
 
@@ -205,5 +206,7 @@ def settle(run: RunDir, code: int, started: float, machines: Machines) -> int:
     if machines.machine_rank > 0:  # rank 0 runs on machine 0 and writes the run's files there
         return code
     error = f"the training processes ended (launcher exit code {code}) before rank 0 wrote a final state"
-    run.write_status(state="failed", exit_code=1, error=error, ended_at=time.time())
+    run.write_status(
+        state="failed", exit_code=1, error=error, failure=died(code, error).to_status(), ended_at=time.time()
+    )
     return 1

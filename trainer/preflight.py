@@ -41,10 +41,11 @@ class Trial:
     tokens_per_second: float | None = None
     step_seconds: float | None = None
     error: str | None = None
+    failure_kind: str | None = None  # status.json's failure.kind of the short run
 
     @property
     def out_of_memory(self) -> bool:
-        return not self.ok and "out of memory" in (self.error or "")
+        return not self.ok and (self.failure_kind == "oom" or "out of memory" in (self.error or ""))
 
 
 @dataclass
@@ -152,7 +153,10 @@ def measure(run_path: Path) -> Trial:
     """What one short run measured, from its metrics.jsonl and status.json."""
     status = read_status(run_path) or {}
     if status.get("state") != "completed":
-        return Trial(None, False, error=status.get("error") or f"the short run ended {status.get('state')}")
+        kind = (status.get("failure") or {}).get("kind")
+        return Trial(
+            None, False, error=status.get("error") or f"the short run ended {status.get('state')}", failure_kind=kind
+        )
     lines = read_metrics(run_path / "metrics.jsonl")
     train = [x for x in lines if x["kind"] == "train" and x.get("tokens_per_second")]
     system = [x for x in lines if x["kind"] == "system"]
@@ -250,7 +254,7 @@ def preflight_command(config_path: str, steps: int = STEPS, status_dir: str | No
         report = preflight(cfg, steps)
     except (ConfigError, DataError) as e:
         print(str(e), file=sys.stderr)
-        status.fail(str(e))
+        status.fail(str(e), exc=e)
         return 1
     print("\n".join(report.lines()))
     if report.final.ok:
@@ -258,5 +262,5 @@ def preflight_command(config_path: str, steps: int = STEPS, status_dir: str | No
         return 0
     if status_dir:  # what was tried, for the page
         write_json_atomic(Path(status_dir) / "result.json", report.to_dict())
-    status.fail(report.final.error or "the short run failed")
+    status.fail(report.final.error or "the short run failed", kind=report.final.failure_kind)
     return 1

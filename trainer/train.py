@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
+from trainer.failure import Failure, classify, failure
 from trainer.launch import ONE_MACHINE, SHARDED, Machines, inside_launch, is_main_process, wants_launcher
 from trainer.log_tee import quiet_unused_kernels, tee_to
 from trainer.presets import load_config
@@ -424,8 +425,9 @@ def save_adapter(s: Session, trainer: Any) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def finish(s: Session, state: str, code: int, error: str | None = None) -> int:
-    s.run.write_status(state=state, exit_code=code, error=error, ended_at=time.time())
+def finish(s: Session, state: str, code: int, error: str | None = None, why: Failure | None = None) -> int:
+    structured = why.to_status() if why is not None else None
+    s.run.write_status(state=state, exit_code=code, error=error, failure=structured, ended_at=time.time())
     s.run.event(s.run.status.get("step") or 0, "end", state=state, error=error)
     s.run.close()
     print(f"run {s.run.run_id}: {state}" + (f": {error}" if error else "") + f" ({s.run.path})")
@@ -445,29 +447,36 @@ def execute(s: Session) -> int:
     import torch
 
     s.run.write_status(
-        state="running", pid=os.getpid(), started_at=time.time(), ended_at=None, exit_code=None, error=None
+        state="running",
+        pid=os.getpid(),
+        started_at=time.time(),
+        ended_at=None,
+        exit_code=None,
+        error=None,
+        failure=None,
     )
     s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         s.check_stop()  # a stop that came while the config was read
         trainer = fit(s, *prepare(s))
         if s.nan_guard.error:
-            return finish(s, "failed", EXIT_FAILED, s.nan_guard.error)
+            return finish(s, "failed", EXIT_FAILED, s.nan_guard.error, failure("nan", s.nan_guard.error))
         save_adapter(s, trainer)
         if s.stop.signum is not None:
             return finish(s, "stopped", 128 + s.stop.signum)
         return finish(s, "completed", EXIT_OK)
     except (ConfigError, DataError) as e:
         print(str(e), file=sys.stderr)
-        return finish(s, "failed", EXIT_FAILED, str(e))
+        return finish(s, "failed", EXIT_FAILED, str(e), classify(e, str(e)))
     except (RunStopped, KeyboardInterrupt):
         s.request.say_unsaid()
         return finish(s, "stopped", s.request.exit_code(), s.request.error())
     except torch.OutOfMemoryError as e:
-        return finish(s, "failed", EXIT_FAILED, oom_message(e))
+        return finish(s, "failed", EXIT_FAILED, oom_message(e), failure("oom", oom_message(e)))
     except Exception as e:
         traceback.print_exc()
-        return finish(s, "failed", EXIT_FAILED, f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
+        return finish(s, "failed", EXIT_FAILED, error, classify(e, error))
 
 
 def run_training(
@@ -540,5 +549,9 @@ def mark_failed_if_run_dir(config_path: Path, error: str) -> None:
     status = read_status(config_path.parent)
     if config_path.name == "config.yaml" and status and status.get("state") == "queued" and is_main_process():
         RunDir(config_path.parent).write_status(
-            state="failed", exit_code=EXIT_FAILED, error=error, ended_at=time.time()
+            state="failed",
+            exit_code=EXIT_FAILED,
+            error=error,
+            failure=failure("config", error).to_status(),
+            ended_at=time.time(),
         )
