@@ -74,6 +74,18 @@ def test_queue_runs_jobs_in_order_one_at_a_time(make_config, manager: JobManager
     assert all(j.exit_code == 0 and (Path(j.run_dir) / "adapter").is_dir() for j in jobs)
 
 
+def test_a_queued_job_is_launched_once_when_two_queues_race(make_config, manager: JobManager) -> None:
+    """Launching is compare-and-set on the registry: two queues that both read the job as queued (two ticks, or
+    two servers on one runs dir despite the lock) start one process, not two."""
+    job_id = manager.submit(load_config(make_config({"training": {"max_steps": 1, "save_steps": 100}})))
+    other = JobManager(manager.runs_dir, max_running=1, cwd=ROOT)
+    stale = manager.registry.get(job_id)  # what both queues read before either launched
+    assert manager._launch(stale) is True
+    assert other._launch(stale) is False and job_id not in other._children
+    wait_until(lambda: manager.registry.get(job_id).state == "completed", manager=manager)
+    assert manager.registry.get(job_id).exit_code == 0
+
+
 def test_stop_saves_adapter_and_leaves_no_process(make_config, manager: JobManager) -> None:
     job_id = long_job(make_config, manager)
     pid = manager.registry.get(job_id).pid

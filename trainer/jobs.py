@@ -144,6 +144,8 @@ class JobManager:
         if not Path(job.run_dir).is_dir():
             self._settle(job, "failed", "run directory removed before the job started")
             return False
+        if not self.registry.claim(job.id, pid=None, started_at=time.time()):
+            return False  # no longer queued: stopped meanwhile, or launched by someone else
         try:
             self._spawn(job)
         except (OSError, ValueError, KeyError, TypeError) as e:  # job.json unreadable or malformed, no executable
@@ -166,7 +168,7 @@ class JobManager:
             )
         self._children[job.id] = proc
         start = psutil.Process(proc.pid).create_time()
-        self.registry.update(job.id, state="running", pid=proc.pid, proc_start=start, started_at=time.time())
+        self.registry.update(job.id, pid=proc.pid, proc_start=start)
 
     def _reconcile(self, job: Job) -> None:
         """Take the final state of a job whose process has ended, from its status.json or its death."""

@@ -90,6 +90,17 @@ class Registry:
         with self._connect() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))
 
+    def claim(self, job_id: str, **values: Any) -> bool:
+        """Compare-and-set: mark a queued job running (with values) only if it is still queued; False when
+        another tick or server got there first."""
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self._connect() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET state = 'running', {assignments} WHERE id = ? AND state = 'queued'",
+                (*values.values(), job_id),
+            )
+            return cur.rowcount == 1
+
     def get(self, job_id: str) -> Job | None:
         with self._connect() as db:
             row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
