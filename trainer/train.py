@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
@@ -28,7 +28,12 @@ from trainer.run_dir import RunDir, new_run_id, read_status
 from trainer.stopping import RunStopped, StopRequest
 
 if TYPE_CHECKING:
+    from trainer.callbacks import NanGuard
+    from trainer.data import Prepared
+    from trainer.device import DevicePlan
+    from trainer.distributed import RankMetrics
     from trainer.memory import MemoryEstimate
+    from trainer.sft_trainer import WorkbenchSFTTrainer
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -147,20 +152,32 @@ def resume_checkpoint(cfg: RunConfig, run: RunDir) -> str | None:
 
 
 class Session:
-    """State shared by the stages of one run."""
+    """State shared by the stages of one run: prepare -> fit -> save_adapter -> finish."""
 
     def __init__(self, cfg: RunConfig, run: RunDir, request: StopRequest | None = None):
         from trainer.callbacks import StopSignal
 
         self.cfg, self.run, self.request = cfg, run, request or StopRequest()
         self.stop = StopSignal(self.request)  # the Trainer's view of the same request, checked after every step
-        self.facts: dict[str, Any] = {}
+        self.facts: dict[str, Any] = {}  # what the model card and the final event report
+        self.nan_guard: NanGuard | None = None  # set by fit
+        self.metrics: RankMetrics | None = None  # set by fit: the metrics.jsonl writer
+        self.pissa_init: Path | None = None  # PiSSA's initial adapter, for the conversion at save
 
     def check_stop(self) -> None:
         self.request.check()
 
 
-def prepare(s: Session):
+class Stage(NamedTuple):
+    """What prepare hands to fit: the machine's plan and the checked model path, tokenizer and data."""
+
+    plan: DevicePlan
+    path: str
+    tokenizer: Any
+    data: Prepared
+
+
+def prepare(s: Session) -> Stage:
     """Hardware check, tokenizer and data: everything that can fail on bad input, before any model loads."""
     from trainer import device
     from trainer.data import prepare_data
@@ -216,7 +233,7 @@ def prepare(s: Session):
         data_format=data.format,
         precision=plan.precision,
     )
-    return plan, path, tokenizer, data
+    return Stage(plan, path, tokenizer, data)
 
 
 def decide_precision(s: Session, cuda: bool, bf16_ok: bool) -> bool:
@@ -269,7 +286,7 @@ def decide_checkpointing(s: Session, cuda: bool, memory: MemoryEstimate | None) 
     announce_auto(s, "gradient_checkpointing", choice, why)
 
 
-def decide_packing(s: Session, plan: Any) -> None:
+def decide_packing(s: Session, plan: DevicePlan) -> None:
     """Replace packing 'auto' by what suits this machine's attention kernel."""
     from trainer import device
 
@@ -286,7 +303,7 @@ def announce_auto(s: Session, field: str, choice: bool, why: str) -> None:
     s.run.event(0, field, enabled=choice, reason=why)
 
 
-def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
+def fit(s: Session, stage: Stage) -> WorkbenchSFTTrainer:
     """Load the model, wrap it with the adapter and train; returns the trainer."""
     from trainer.adapters import adalora_schedule_problem, to_peft_config
     from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, NanGuard, TokenCounter
@@ -295,6 +312,7 @@ def fit(s: Session, plan, path: str, tokenizer, data) -> Any:
     from trainer.models import count_parameters, load_model
     from trainer.sft_trainer import WorkbenchSFTTrainer
 
+    plan, path, tokenizer, data = stage
     world = int(os.environ.get("WORLD_SIZE", "1"))
     total = total_optimizer_steps(s.cfg, len(data.train), world)
     if problem := adalora_schedule_problem(s.cfg, total):
@@ -399,7 +417,7 @@ def save_adapter(s: Session, trainer: Any) -> None:
         return
     tmp = s.run.path / "adapter.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    if getattr(s, "pissa_init", None):
+    if s.pissa_init is not None:
         kwargs["path_initial_model_for_weight_conversion"] = str(s.pissa_init)
     trainer.model.save_pretrained(tmp, safe_serialization=True, **kwargs)
     trainer.processing_class.save_pretrained(tmp)
@@ -407,8 +425,8 @@ def save_adapter(s: Session, trainer: Any) -> None:
     s.facts.update(
         steps=trainer.state.global_step,
         epoch=trainer.state.epoch,
-        final_train_loss=s.metrics.last_train.get("loss"),
-        final_eval_loss=s.metrics.last_eval.get("eval_loss"),
+        final_train_loss=s.metrics.last_train.get("loss") if s.metrics else None,
+        final_eval_loss=s.metrics.last_eval.get("eval_loss") if s.metrics else None,
     )
     (tmp / "README.md").write_text(model_card(s.cfg, s.facts["base_model"], s.facts), encoding="utf-8")
     if s.cfg.adapter.method == "adalora":
@@ -458,8 +476,8 @@ def execute(s: Session) -> int:
     s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         s.check_stop()  # a stop that came while the config was read
-        trainer = fit(s, *prepare(s))
-        if s.nan_guard.error:
+        trainer = fit(s, prepare(s))
+        if s.nan_guard is not None and s.nan_guard.error:
             return finish(s, "failed", EXIT_FAILED, s.nan_guard.error, failure("nan", s.nan_guard.error))
         save_adapter(s, trainer)
         if s.stop.signum is not None:
