@@ -15,6 +15,7 @@ FLASH_PACKAGES = {
 }
 
 
+SHARDED = ("fsdp", "deepspeed_zero3")  # strategies that split the weights: the adapter is gathered on save
 # The CPU instruction sets that run bf16 matmuls natively (oneDNN uses them under torch.autocast).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # benchmarks/cpu_bf16.py (2-core AMD EPYC with avx512_bf16, torch 2.13.0): a LoRA step under bf16 autocast ran
@@ -109,8 +110,6 @@ def hardware_problems(
 
 def process_problems(cfg: RunConfig, cuda: bool, gpu_count: int) -> list[str]:
     """GPUs and processes the config asks for that this machine cannot give (checked before any launch)."""
-    from trainer.launch import strategy_problems
-
     n, problems = cfg.hardware.num_gpus, []
     if n > 1 and not cuda:
         problems.append(
@@ -123,6 +122,29 @@ def process_problems(cfg: RunConfig, cuda: bool, gpu_count: int) -> list[str]:
             f"most {gpu_count} (or check CUDA_VISIBLE_DEVICES)"
         )
     return problems + strategy_problems(cfg, cuda)
+
+
+def strategy_problems(cfg: RunConfig, cuda: bool) -> list[str]:
+    """What the chosen strategy needs that is missing; each line names the field and the fix."""
+    h, problems = cfg.hardware, []
+    if h.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            f"hardware.strategy: {h.strategy} needs DeepSpeed, which is not installed; run "
+            "`pip install 'lora-workbench[deepspeed]'` or use strategy ddp or fsdp"
+        )
+    if h.strategy != "ddp" and not cuda:
+        problems.append(f"hardware.strategy: {h.strategy} needs CUDA GPUs; use ddp on a CPU")
+    if h.strategy in SHARDED and cfg.quantization.mode != "none":
+        problems.append(
+            f"hardware.strategy: {h.strategy} shards the weights, which the workbench does not do for a "
+            f"{cfg.quantization.mode} quantized base; use ddp or deepspeed_zero2, or quantization.mode none"
+        )
+    if h.cpu_processes > 1 and cuda:
+        problems.append(
+            "hardware.cpu_processes: only for a machine without a GPU (testing the multi-process path); "
+            "set hardware.num_gpus here instead"
+        )
+    return problems
 
 
 def speed_problems(cfg: RunConfig, cuda: bool, tf32_ok: bool) -> list[str]:

@@ -11,7 +11,6 @@ CPU with the gloo backend (`hardware.cpu_processes`, for testing the path): one 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError, RunConfig
+from trainer.device import process_problems
 from trainer.failure import died
 from trainer.paths import PRESETS_DIR
 from trainer.run_dir import FINAL_STATES, RunDir, read_status
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from trainer.stopping import StopRequest
 
 ACCELERATE_DIR = PRESETS_DIR / "accelerate"
-SHARDED = ("fsdp", "deepspeed_zero3")  # strategies that split the weights: the adapter is gathered on save
 
 
 @dataclass(frozen=True)
@@ -67,29 +66,6 @@ def is_main_process() -> bool:
 
 def preset_file(strategy: str) -> Path:
     return ACCELERATE_DIR / f"{strategy}.yaml"
-
-
-def strategy_problems(cfg: RunConfig, cuda: bool) -> list[str]:
-    """What the chosen strategy needs that is missing; each line names the field and the fix."""
-    h, problems = cfg.hardware, []
-    if h.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        problems.append(
-            f"hardware.strategy: {h.strategy} needs DeepSpeed, which is not installed; run "
-            "`pip install 'lora-workbench[deepspeed]'` or use strategy ddp or fsdp"
-        )
-    if h.strategy != "ddp" and not cuda:
-        problems.append(f"hardware.strategy: {h.strategy} needs CUDA GPUs; use ddp on a CPU")
-    if h.strategy in SHARDED and cfg.quantization.mode != "none":
-        problems.append(
-            f"hardware.strategy: {h.strategy} shards the weights, which the workbench does not do for a "
-            f"{cfg.quantization.mode} quantized base; use ddp or deepspeed_zero2, or quantization.mode none"
-        )
-    if h.cpu_processes > 1 and cuda:
-        problems.append(
-            "hardware.cpu_processes: only for a machine without a GPU (testing the multi-process path); "
-            "set hardware.num_gpus here instead"
-        )
-    return problems
 
 
 def launch_argv(
@@ -158,8 +134,6 @@ def visible_gpus() -> tuple[bool, int]:
 
 
 def launch_problems(cfg: RunConfig) -> list[str]:
-    from trainer.device import process_problems
-
     return process_problems(cfg, *visible_gpus())
 
 

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data_files import DataError
+from trainer.device import SHARDED
 from trainer.failure import Failure, classify, failure
-from trainer.launch import ONE_MACHINE, SHARDED, Machines, inside_launch, is_main_process, wants_launcher
+from trainer.launch import ONE_MACHINE, Machines, inside_launch, is_main_process, wants_launcher
 from trainer.log_tee import quiet_unused_kernels, tee_to
 from trainer.presets import load_config
 from trainer.run_dir import RunDir, new_run_id, read_status
