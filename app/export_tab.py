@@ -4,6 +4,7 @@ its own progress, log and fidelity numbers), or download the adapter alone."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,12 @@ from trainer.chat_sources import adapter_choices, adapter_name, resolve_base, re
 from trainer.config import ConfigError
 from trainer.export import ExportError, ExportRequest
 from trainer.gguf_export import CONVERTER_QUANTS, K_QUANTS
+from trainer.jobs import log_file
+from trainer.run_dir import file_stamp
 from trainer.runs_index import zip_adapter
 from trainer.side_jobs import default_export_dir, export_args, export_result_md, exports_root, job_log, progress_md
+
+BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait
 
 MERGE_HELP = (
     "16bit (default): the base is reloaded unquantized in the chosen dtype and ΔW = B·A·α/r is added to it, the "
@@ -84,6 +89,29 @@ def export_view(ctx: AppContext, job_id: str | None) -> tuple[str, str, str]:
     return progress_md(job), job_log(job), export_result_md(job)
 
 
+def export_key(ctx: AppContext, job_id: str | None) -> tuple | None:
+    """What export_view shows depends on: the job's row and the files it writes (status, log, result, report)."""
+    job = ctx.manager.registry.get(job_id) if job_id else None
+    if job is None:
+        return None
+    files = (Path(job.run_dir) / name for name in ("status.json", "result.json", "export_report.json"))
+    return job.id, job.state, job.error, file_stamp(log_file(job)), *(file_stamp(f) for f in files)
+
+
+def export_due(ctx: AppContext, job_id: str | None, seen: tuple | None) -> Any:
+    """The tab's timer tick: gr.skip() while the job's files are as shown, else a new value for the `due` state,
+    whose change runs export_update (an idle tick reads no log and builds nothing)."""
+    return gr.skip() if export_key(ctx, job_id) == seen else time.time()
+
+
+def export_update(ctx: AppContext, job_id: str | None, seen: tuple | None) -> list[Any]:
+    """(progress, log tail, result, key), or gr.skip() for each of the first three when the key is the one shown."""
+    key = export_key(ctx, job_id)
+    if key == seen:
+        return [gr.skip()] * 3 + [seen]
+    return [*export_view(ctx, job_id), key]
+
+
 # --- layout -----------------------------------------------------------------------------------------------------
 def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     gr.Markdown(
@@ -129,7 +157,8 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     result = gr.Markdown(elem_id="export-result")
     log = gr.Code(language=None, label="job.log", elem_id="export-log", max_lines=30)
     timer = gr.Timer(2.0)
-    seen = gr.State(None)
+    seen = gr.State(None)  # the key of what this page shows (export_key)
+    due = gr.State(None)  # set by a tick that found a change; its change redraws
 
     def refresh_choices(current: str | None):
         choices = adapter_choices(ctx.jobs_newest_first())
@@ -155,20 +184,19 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         outputs=[message, job],
     )
 
-    def on_tick(job_id: str | None, last: tuple | None):
-        view = export_view(ctx, job_id)
-        if view == last:
-            return gr.skip(), gr.skip(), gr.skip(), last
-        return (*view, view)
-
     timer.tick(
-        on_tick,
+        lambda job_id, shown: export_due(ctx, job_id, shown),
+        inputs=[job, seen],
+        outputs=due,
+        **BACKGROUND,
+    )
+    due.change(
+        lambda job_id, shown: export_update(ctx, job_id, shown),
         inputs=[job, seen],
         outputs=[progress, log, result, seen],
-        show_progress="hidden",
-        concurrency_limit=None,
+        **BACKGROUND,
     )
-    job.change(lambda j: export_view(ctx, j), inputs=job, outputs=[progress, log, result])
+    job.change(lambda j: export_update(ctx, j, ()), inputs=job, outputs=[progress, log, result, seen])  # (): redraw
 
     def make_zip(adapter: str | None):
         if not adapter or Path(adapter).name != "adapter":  # a running run's checkpoint: zip it when it is done

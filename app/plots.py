@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Callable
 from typing import Any
 
 import plotly.graph_objects as go
+import plotly.io as pio
+from gradio.components.plot import PlotData
 
 from trainer.monitor import Series, ema
 
@@ -22,62 +27,105 @@ def _fig(title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
     return fig
 
 
-def loss_figure(s: Series) -> go.Figure:
+# The monitor's four charts are built as the JSON plotly.js reads, not through go.Figure: a watched run redraws them
+# on each new metrics line, and go.Figure's validation costs ~15 ms a chart where the dict costs ~1 ms (measured
+# with benchmarks/ui_latency.py's --ticks). *_figure() wraps the same dict in a Figure for other callers.
+@functools.cache
+def _template() -> dict[str, Any]:
+    return pio.templates[_LAYOUT["template"]].to_plotly_json()
+
+
+def _spec(title: str, traces: list[dict[str, Any]], y_title: str, **layout: Any) -> dict[str, Any]:
+    axes = {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": y_title}}}
+    return {"data": traces, "layout": {**_LAYOUT, "template": _template(), "title": {"text": title}, **axes, **layout}}
+
+
+def _line(x: list, y: list, name: str, mode: str = "lines", **style: Any) -> dict[str, Any]:
+    return {"type": "scatter", "x": x, "y": y, "name": name, "mode": mode, **style}
+
+
+def _right_axis(title: str, **axis: Any) -> dict[str, Any]:
+    return {"title": {"text": title}, "overlaying": "y", "side": "right", **axis}
+
+
+def loss_spec(s: Series) -> dict[str, Any]:
     """Train loss (raw and smoothed) and eval loss on the same axes."""
-    fig = _fig("Loss", y_title="loss")
     steps, loss = s.train["step"], s.train["loss"]
-    fig.add_scatter(x=steps, y=loss, name="train loss", mode="lines+markers", opacity=0.45, marker={"size": 4})
-    fig.add_scatter(x=steps, y=ema(loss), name="train loss (smoothed)", mode="lines", line={"width": 3})
-    fig.add_scatter(x=s.eval["step"], y=s.eval["eval_loss"], name="eval loss", mode="lines+markers")
-    return fig
+    raw = _line(steps, loss, "train loss", "lines+markers", opacity=0.45, marker={"size": 4})
+    smoothed = _line(steps, ema(loss), "train loss (smoothed)", line={"width": 3})
+    return _spec(
+        "Loss", [raw, smoothed, _line(s.eval["step"], s.eval["eval_loss"], "eval loss", "lines+markers")], "loss"
+    )
 
 
-def optim_figure(s: Series) -> go.Figure:
+def optim_spec(s: Series) -> dict[str, Any]:
     """Learning rate and gradient norm (two y axes) over steps."""
-    fig = _fig("Learning rate and grad norm", y_title="learning rate")
-    fig.add_scatter(x=s.train["step"], y=s.train["learning_rate"], name="learning rate", mode="lines")
-    fig.add_scatter(x=s.train["step"], y=s.train["grad_norm"], name="grad norm", mode="lines", yaxis="y2")
-    fig.update_layout(yaxis2={"title": "grad norm", "overlaying": "y", "side": "right"})
-    return fig
+    lr = _line(s.train["step"], s.train["learning_rate"], "learning rate")
+    norm = _line(s.train["step"], s.train["grad_norm"], "grad norm", yaxis="y2")
+    return _spec("Learning rate and grad norm", [lr, norm], "learning rate", yaxis2=_right_axis("grad norm"))
 
 
-def speed_figure(s: Series) -> go.Figure:
-    fig = _fig("Throughput", y_title="tokens/s (real, unpadded)")
-    fig.add_scatter(x=s.train["step"], y=s.train["tokens_per_second"], name="tokens/s", mode="lines+markers")
-    return fig
+def speed_spec(s: Series) -> dict[str, Any]:
+    tps = _line(s.train["step"], s.train["tokens_per_second"], "tokens/s", "lines+markers")
+    return _spec("Throughput", [tps], "tokens/s (real, unpadded)")
 
 
-def memory_figure(s: Series) -> go.Figure:
+def memory_spec(s: Series) -> dict[str, Any]:
     """GPU allocated / reserved / peak against the device total, or process RAM on a CPU machine."""
     sys, steps = s.system, s.system["step"]
-    if any(v is not None for v in sys["gpu_mem_allocated_gb"]):
-        fig = _fig("GPU memory", y_title="GB")
-        for key, name in (
-            ("gpu_mem_allocated_gb", "allocated"),
-            ("gpu_mem_reserved_gb", "reserved"),
-            ("gpu_mem_peak_gb", "peak"),
-            ("gpu_mem_total_gb", "device total"),
-        ):
-            dash = "dash" if key == "gpu_mem_total_gb" else None
-            fig.add_scatter(x=steps, y=sys[key], name=name, mode="lines", line={"dash": dash})
-        if any(v is not None for v in sys["gpu_util_percent"]):
-            fig.add_scatter(x=steps, y=sys["gpu_util_percent"], name="GPU util %", mode="lines", yaxis="y2")
-            fig.update_layout(yaxis2={"title": "util %", "overlaying": "y", "side": "right", "range": [0, 100]})
-        add_per_gpu_memory(fig, steps, sys["gpus"])
-        return fig
-    fig = _fig("Memory (no GPU: process RAM)", y_title="GB")
-    fig.add_scatter(x=steps, y=sys["cpu_rss_gb"], name="process RSS", mode="lines+markers")
-    return fig
+    if not any(v is not None for v in sys["gpu_mem_allocated_gb"]):
+        rss = _line(steps, sys["cpu_rss_gb"], "process RSS", "lines+markers")
+        return _spec("Memory (no GPU: process RAM)", [rss], "GB")
+    names = {"gpu_mem_allocated_gb": "allocated", "gpu_mem_reserved_gb": "reserved", "gpu_mem_peak_gb": "peak"}
+    traces = [_line(steps, sys[key], name) for key, name in names.items()]
+    traces.append(_line(steps, sys["gpu_mem_total_gb"], "device total", line={"dash": "dash"}))
+    layout = {}
+    if any(v is not None for v in sys["gpu_util_percent"]):
+        traces.append(_line(steps, sys["gpu_util_percent"], "GPU util %", yaxis="y2"))
+        layout["yaxis2"] = _right_axis("util %", range=[0, 100])
+    return _spec("GPU memory", traces + per_gpu_memory(steps, sys["gpus"]), "GB", **layout)
 
 
-def add_per_gpu_memory(fig: go.Figure, steps: list, samples: list) -> None:
+def per_gpu_memory(steps: list, samples: list) -> list[dict[str, Any]]:
     """One line per GPU (memory in use, NVML) when a run spans several: each rank's device, not only rank 0's."""
     indices = sorted({g["index"] for gpus in samples for g in gpus or []})
     if len(indices) < 2:
-        return
+        return []
+    traces = []
     for index in indices:
         used = [next((g["mem_used_gb"] for g in gpus or [] if g["index"] == index), None) for gpus in samples]
-        fig.add_scatter(x=steps, y=used, name=f"GPU {index} in use", mode="lines", line={"dash": "dot"})
+        traces.append(_line(steps, used, f"GPU {index} in use", line={"dash": "dot"}))
+    return traces
+
+
+# The monitor's charts, each with the kinds of metrics lines it is drawn from: a chart is rebuilt only when they grow.
+MONITOR_CHARTS: dict[str, tuple[Callable[[Series], dict[str, Any]], tuple[str, ...]]] = {
+    "loss": (loss_spec, ("train", "eval")),
+    "optim": (optim_spec, ("train",)),
+    "speed": (speed_spec, ("train",)),
+    "memory": (memory_spec, ("system",)),
+}
+
+
+def plot_data(spec: dict[str, Any]) -> PlotData:
+    """What gr.Plot sends for a plotly chart, serialized once: the same object can go to every page."""
+    return PlotData(type="plotly", plot=json.dumps(spec))
+
+
+def loss_figure(s: Series) -> go.Figure:
+    return go.Figure(loss_spec(s))
+
+
+def optim_figure(s: Series) -> go.Figure:
+    return go.Figure(optim_spec(s))
+
+
+def speed_figure(s: Series) -> go.Figure:
+    return go.Figure(speed_spec(s))
+
+
+def memory_figure(s: Series) -> go.Figure:
+    return go.Figure(memory_spec(s))
 
 
 def length_histogram(lengths: list[int], max_length: int) -> go.Figure:

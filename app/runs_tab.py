@@ -3,6 +3,8 @@ adapter zip, rename, delete)."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -11,8 +13,11 @@ from app import plots
 from app.context import AppContext
 from app.log_widget import log_box
 from trainer.log_view import log_view
+from trainer.run_dir import file_stamp
 from trainer.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
 from trainer.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
+
+BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait
 
 
 def table_rows(ctx: AppContext) -> list[list[Any]]:
@@ -93,6 +98,41 @@ def evaluation_view(ctx: AppContext, run_id: str | None) -> tuple[str, list[list
     return (progress_md(jobs[0]) if jobs else ""), eval_rows(result), figure, eval_examples(result)
 
 
+def eval_key(ctx: AppContext, run_id: str | None) -> tuple | None:
+    """What evaluation_view shows depends on: the run's newest evaluation job and the files it writes."""
+    path = ctx.run_path(run_id) if run_id else None
+    if path is None:
+        return None
+    job = next((j for j in ctx.jobs_newest_first("evaluate") if j.name == run_id), None)
+    job_part = (job.id, job.state, file_stamp(Path(job.run_dir) / "status.json")) if job else None
+    return run_id, job_part, file_stamp(path / "eval_results.json")
+
+
+def eval_update(ctx: AppContext, run_id: str | None, last: tuple | None) -> list[Any]:
+    """The Evaluate tab's outputs and their key, or gr.skip() for each when the key is the one shown."""
+    key = eval_key(ctx, run_id)
+    if key == last:
+        return [gr.skip()] * 4 + [last]
+    return [*evaluation_view(ctx, run_id), key]
+
+
+def table_update(ctx: AppContext, last: Any, selected: str | None) -> tuple[Any, ...]:
+    """(table, compare choices, run choices, the rows shown): gr.skip() for each while the rows are the same."""
+    rows = table_rows(ctx)
+    if rows == last:
+        return gr.skip(), gr.skip(), gr.skip(), last
+    ids = [r[0] for r in rows]
+    value = selected if selected in ids else None
+    return rows, gr.CheckboxGroup(choices=ids), gr.Dropdown(choices=ids, value=value), rows
+
+
+def runs_due(ctx: AppContext, table_seen: Any, opened: str | None, eval_seen: tuple | None) -> tuple[Any, Any]:
+    """The tab's timer tick: a new value for the table's and the evaluation's `due` state where what they show
+    changed, gr.skip() where not (their changes run table_update / eval_update: an idle tick builds nothing)."""
+    table = gr.skip() if table_rows(ctx) == table_seen else time.time()
+    return table, gr.skip() if eval_key(ctx, opened) == eval_seen else time.time()
+
+
 def not_listed_md(lines: list[str]) -> str:
     """The run dirs the server found at startup but could not read: named with the reason, never deleted."""
     if not lines:
@@ -152,46 +192,37 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             confirm = gr.Checkbox(label="Yes, delete this run's directory and adapter for good", elem_id="delete-ok")
             delete = gr.Button("Delete run", variant="stop", elem_id="delete-btn")
     note = gr.Markdown(elem_id="runs-note")
-    seen = gr.State(None)
+    seen, eval_seen = gr.State(None), gr.State(None)  # what this page shows: the rows, the evaluation's key
+    table_due, eval_due = gr.State(None), gr.State(None)  # set by a tick that found a change; their change redraws
     timer = gr.Timer(3.0)
 
-    def refresh_all(last: Any, selected: str | None):
-        rows = table_rows(ctx)
-        if rows == last:
-            return gr.skip(), gr.skip(), gr.skip(), last
-        ids = [r[0] for r in rows]
-        return (
-            rows,
-            gr.CheckboxGroup(choices=ids),
-            gr.Dropdown(choices=ids, value=selected if selected in ids else None),
-            rows,
-        )
-
     outputs = [table, picks, opened, seen]
-    refresh.click(refresh_all, inputs=[gr.State(None), opened], outputs=outputs)
-    timer.tick(refresh_all, inputs=[seen, opened], outputs=outputs, show_progress="hidden", concurrency_limit=None)
-    demo.load(refresh_all, inputs=[gr.State(None), opened], outputs=outputs)
+    refresh.click(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=outputs)
+    demo.load(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=outputs)
+    timer.tick(
+        lambda last, run_id, last_eval: runs_due(ctx, last, run_id, last_eval),
+        inputs=[seen, opened, eval_seen],
+        outputs=[table_due, eval_due],
+        **BACKGROUND,
+    )
+    table_due.change(
+        lambda last, selected: table_update(ctx, last, selected),
+        inputs=[seen, opened],
+        outputs=outputs,
+        **BACKGROUND,
+    )
 
     picks.change(lambda ids: compare(ctx, ids), inputs=picks, outputs=[overlay, diff, perf])
     opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=[config, log, card])
-    eval_outputs = [eval_progress, eval_table, eval_plot, eval_answers]
-    opened.change(lambda r: evaluation_view(ctx, r), inputs=opened, outputs=eval_outputs)
-    evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=note)
-    eval_seen = gr.State(None)
-
-    def eval_tick(run_id: str | None, last: Any):
-        progress_text, rows, figure, answers = evaluation_view(ctx, run_id)
-        if (progress_text, rows) == last:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
-        return progress_text, rows, figure, answers, (progress_text, rows)
-
-    timer.tick(
-        eval_tick,
+    eval_outputs = [eval_progress, eval_table, eval_plot, eval_answers, eval_seen]
+    opened.change(lambda r: eval_update(ctx, r, ()), inputs=opened, outputs=eval_outputs)  # (): not a key, redraws
+    eval_due.change(
+        lambda r, last: eval_update(ctx, r, last),
         inputs=[opened, eval_seen],
-        outputs=[*eval_outputs, eval_seen],
-        show_progress="hidden",
-        concurrency_limit=None,
+        outputs=eval_outputs,
+        **BACKGROUND,
     )
+    evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=note)
 
     def make_zip(run_id: str | None):
         path = ctx.run_path(run_id) if run_id else None

@@ -4,6 +4,8 @@ preview, Start/Stop with the queue position, and the live monitor of the watched
 from __future__ import annotations
 
 import html
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from trainer.form import (
 )
 from trainer.log_view import log_view
 from trainer.model_configs import RemoteCodeRefused
-from trainer.monitor import explain_failure, progress
+from trainer.monitor import RunWatch, explain_failure, progress
 from trainer.presets import list_presets, load_preset
 from trainer.uploads import dataset_choices, store_upload
 
@@ -48,6 +50,7 @@ PREVIEW_PATHS = (
     "training.gradient_accumulation_steps",
     "hardware.num_gpus",
 )
+BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait
 MONITOR_OUTPUTS = ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen", "timer")
 START_ROW = {"output.run_name"}  # shown next to Start rather than in its group
 COLORS = {TRAINED: "#16a34a", PROMPT: "#cbd5e1", CUT: "#f87171"}
@@ -232,8 +235,85 @@ def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None) -
     )
 
 
-FAST_S, IDLE_S = 1.0, 5.0  # monitor refresh: while a job is queued/running, and otherwise
-UNSEEN = {"ids": None, "run": None, "version": -1, "interval": None}  # a page that has drawn nothing yet
+FAST_S, IDLE_S = 0.5, 5.0  # monitor refresh: while a job is queued/running, and otherwise
+UNSEEN = {"ids": None, "run": None, "drawn": {}, "interval": None}  # a page that has drawn nothing yet
+_NEVER = object()  # the key of an output a page has not drawn
+
+
+@dataclass
+class MonitorNow:
+    """What a page's monitor shows now, as one key per output (MONITOR_OUTPUTS): an output whose key the page
+    has drawn is not sent again. Finding them reads only what the run's files gained since the last poll."""
+
+    run_id: str | None
+    ids: list[str]
+    interval: float
+    watch: RunWatch | None
+    queue_pos: int | None
+    keys: dict[str, Any]
+
+
+def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
+    jobs = ctx.jobs_newest_first()
+    ids = [j.id for j in jobs]
+    interval = FAST_S if any(j.state in ("queued", "running") for j in jobs) else IDLE_S
+    run_id = run_id or ctx.run_to_watch()  # a page watching nothing follows the first run that appears
+    job = next((j for j in jobs if j.id == run_id), None)
+    keys: dict[str, Any] = {"run": (tuple(ids), run_id), "timer": interval}
+    if job is None:
+        return MonitorNow(run_id, ids, interval, None, None, {**keys, "progress": None, "error": None})
+    watch = ctx.watchers.get(Path(job.run_dir))  # one shared, rate-limited poll of the run's files
+    queue_pos = ctx.manager.queue_position(run_id) if job.state == "queued" else None
+    failed = watch.status.get("state") == "failed"
+    keys.update(
+        progress=(run_id, watch.status_version, queue_pos),
+        error=(run_id, (watch.status_version, watch.log_stamp) if failed else None),
+        log=(run_id, watch.log_stamp),
+        **{name: (run_id, *watch.data_key(*kinds)) for name, (_, kinds) in plots.MONITOR_CHARTS.items()},
+    )
+    return MonitorNow(run_id, ids, interval, watch, queue_pos, keys)
+
+
+def monitor_due(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> Any:
+    """The timer's tick: gr.skip() when the page shows all there is (nothing built, nothing sent), else a new
+    value for the page's `due` state, whose change runs monitor_update. Ticking through one small state is what
+    keeps an idle tick cheap: each skipped output of a tick still costs Gradio a component rebuild (~0.5 ms)."""
+    return gr.skip() if monitor_now(ctx, run_id).keys == seen.get("drawn") else time.time()
+
+
+def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
+    """Everything the monitor shows, or gr.skip() where the page already shows it.
+    Outputs (MONITOR_OUTPUTS): run dropdown, progress, error panel, 4 plots, log, seen-state, timer."""
+    now = monitor_now(ctx, run_id)
+    drawn = seen.get("drawn") or {}
+    due = [name for name, key in now.keys.items() if drawn.get(name, _NEVER) != key]
+    out: dict[str, Any] = {name: gr.skip() for name in MONITOR_OUTPUTS}
+    out["seen"] = {"ids": now.ids, "run": now.run_id, "drawn": now.keys, "interval": now.interval}
+    for name in due:
+        out[name] = _monitor_output(name, now)
+    return [out[name] for name in MONITOR_OUTPUTS]
+
+
+def _monitor_output(name: str, now: MonitorNow) -> Any:
+    """One monitor output, built once per change for every page watching the run (RunWatch.view)."""
+    watch = now.watch
+    if name == "run":
+        return gr.Dropdown(choices=now.ids, value=now.run_id)
+    if name == "timer":
+        return gr.Timer(value=now.interval)
+    if watch is None:
+        idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
+        return idle if name == "progress" else gr.Markdown(visible=False)
+    if name == "progress":
+        return _progress_html(now.run_id, watch.status, now.queue_pos)
+    log = watch.view("log", now.keys["log"], lambda: log_view(watch.path, 40))
+    if name == "log":
+        return log
+    if name == "error":
+        failure = explain_failure(watch.status, log)
+        return gr.Markdown(value=failure or "", visible=failure is not None)
+    spec, _ = plots.MONITOR_CHARTS[name]
+    return watch.view(name, now.keys[name], lambda: plots.plot_data(spec(watch.series)))
 
 
 def start_and_watch(ctx: AppContext, values: dict[str, Any]) -> dict[str, Any]:
@@ -243,46 +323,6 @@ def start_and_watch(ctx: AppContext, values: dict[str, Any]) -> dict[str, Any]:
     if run_id is None:
         return {"message": message}
     return {"message": message, **dict(zip(MONITOR_OUTPUTS, monitor_update(ctx, run_id, UNSEEN), strict=True))}
-
-
-def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
-    """Everything the monitor shows, or gr.skip() where nothing changed since this page last saw it.
-    Outputs: run dropdown, progress, error panel, 4 plots, log, seen-state, timer."""
-    jobs = ctx.jobs_newest_first()
-    ids = [j.id for j in jobs]
-    interval = FAST_S if any(j.state in ("queued", "running") for j in jobs) else IDLE_S
-    timer = gr.Timer(value=interval) if interval != seen.get("interval") else gr.skip()
-    choices_changed = ids != seen.get("ids")
-    if not run_id and (run_id := ctx.run_to_watch()):  # a page watching nothing follows the first run that appears
-        choices_changed = True
-    dropdown = gr.Dropdown(choices=ids, value=run_id) if choices_changed else gr.skip()
-    path = ctx.run_path(run_id) if run_id else None
-    watch = ctx.watchers.get(path) if path else None
-    version = watch.version if watch else "none"
-    unchanged = not choices_changed and seen.get("run") == run_id and seen.get("version") == version
-    if unchanged and seen.get("interval") == interval:
-        return [gr.skip()] * 10
-    new_seen = {"ids": ids, "run": run_id, "version": version, "interval": interval}
-    if path is None:
-        idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
-        return [dropdown, idle, gr.Markdown(visible=False), *[gr.skip()] * 5, new_seen, timer]
-    if unchanged:
-        return [*[gr.skip()] * 8, new_seen, timer]
-    s = watch.series
-    log = log_view(path, 40)
-    failure = explain_failure(watch.status, log)
-    return [
-        dropdown,
-        _progress_html(run_id, watch.status, ctx.manager.queue_position(run_id)),
-        gr.Markdown(value=failure or "", visible=failure is not None),
-        plots.loss_figure(s),
-        plots.optim_figure(s),
-        plots.speed_figure(s),
-        plots.memory_figure(s),
-        log,
-        new_seen,
-        timer,
-    ]
 
 
 # --- layout and wiring ------------------------------------------------------------------------------------
@@ -437,16 +477,21 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         preflight_tick, inputs=preflight_job, outputs=[preflight_out, preflight_timer], show_progress="hidden"
     )
 
-    monitor["timer"].tick(
+    monitor["timer"].tick(  # cheap: one small state out, and only when something changed (monitor_due)
+        lambda run_id, seen: monitor_due(ctx, run_id, seen),
+        inputs=[monitor["run"], monitor["seen"]],
+        outputs=monitor["due"],
+        **BACKGROUND,
+    )
+    monitor["due"].change(
         lambda run_id, seen: monitor_update(ctx, run_id, seen),
         inputs=[monitor["run"], monitor["seen"]],
         outputs=outs,
-        concurrency_limit=None,  # read-only and cheap: every open page ticks without waiting for the others
-        show_progress="hidden",
+        **BACKGROUND,
     )
     # A run picked by hand is drawn in the same reply, so its name and its plots change together.
     monitor["run"].input(
-        lambda run_id, seen: monitor_update(ctx, run_id, {**seen, "version": -1}),
+        lambda run_id, seen: monitor_update(ctx, run_id, {**seen, "drawn": {}}),
         inputs=[monitor["run"], monitor["seen"]],
         outputs=outs,
         show_progress="hidden",
@@ -457,7 +502,7 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         ids = [j.id for j in ctx.jobs_newest_first()]
         return (
             gr.Dropdown(choices=ids, value=run_id),
-            {"ids": ids, "run": None, "version": -1, "interval": FAST_S},
+            {"ids": ids, "run": run_id, "drawn": {"run": (tuple(ids), run_id), "timer": FAST_S}, "interval": FAST_S},
             estimate_md(ctx, as_values(a)),
             *preview_outputs(ctx, as_values(a)),
         )
@@ -511,6 +556,7 @@ def _monitor_block() -> dict[str, Any]:
         "speed": speed,
         "memory": memory,
         "log": log,
-        "seen": gr.State({"ids": None, "run": None, "version": -1, "interval": FAST_S}),
+        "seen": gr.State({**UNSEEN, "interval": FAST_S}),  # what this page shows: a key per output
+        "due": gr.State(None),  # set by a tick that found something new; its change redraws
         "timer": gr.Timer(FAST_S),
     }

@@ -75,6 +75,7 @@ class MetricsTail:
         self.path = path
         self.lines: list[dict[str, Any]] = []
         self.generation = 0  # bumps when the file was rewritten and self.lines started over
+        self.bytes_read = 0  # of the file's lines, over every poll: each byte once unless the file was rewritten
         self._reset()
 
     def _reset(self) -> None:
@@ -109,6 +110,7 @@ class MetricsTail:
             self._reset()
             return []
         self.offset += len(chunk)
+        self.bytes_read += len(chunk)
         self._edge = (self._edge + chunk)[-EDGE_BYTES:]
         self._identity = (st.st_dev, st.st_ino, st.st_mtime_ns)
         complete, _, self._partial = (self._partial + chunk).rpartition(b"\n")

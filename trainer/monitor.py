@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,31 +47,58 @@ _SYSTEM_KEYS = ("step", "time", *MEMORY_KEYS, "gpu_util_percent", "gpus")  # gpu
 
 
 class RunWatch:
-    """The live state of one run directory; poll() reads only what was appended since the last poll."""
+    """The live state of one run directory; poll() reads only what was appended since the last poll.
+
+    Shared by every page watching the run, so what is derived from it (a chart, the log view) is built once per
+    change of its data and handed to every page: view(name, key, build)."""
 
     def __init__(self, run_path: Path):
         self.path = run_path
-        self._tail = MetricsTail(run_path / "metrics.jsonl")
+        self.tail = MetricsTail(run_path / "metrics.jsonl")
         self.series = Series()
         self.status: dict[str, Any] = {}
         self.version = 0  # bumps whenever something a page shows changed
+        self.status_version = 0  # bumps when status.json says something new
+        self.log_stamp: tuple[int, int, int] | None = None  # train.log's, at the last poll
         self._status_stamp: tuple[int, int, int] | None = (-1, -1, -1)  # never a real stamp: the first poll reads
+        self._views: dict[str, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()  # a poll never changes the series while a view is built from it
 
     def poll(self) -> bool:
-        generation = self._tail.generation
-        new = self._tail.poll()
-        if self._tail.generation != generation:  # metrics.jsonl was rewritten: rebuild, dropping what it held
-            self.series, new = Series(), self._tail.lines
-        changed = bool(new) or self._tail.generation != generation
-        for line in new:
-            self.series.add(line)
-        stamp = file_stamp(self.path / "status.json")
-        if stamp != self._status_stamp:
-            self._status_stamp = stamp
-            status, self.status = self.status, status_or_reason(self.path)
-            changed = changed or status != self.status
-        self.version += changed
-        return changed
+        with self._lock:
+            generation = self.tail.generation
+            new = self.tail.poll()
+            if self.tail.generation != generation:  # metrics.jsonl was rewritten: rebuild, dropping what it held
+                self.series, new = Series(), self.tail.lines
+            changed = bool(new) or self.tail.generation != generation
+            for line in new:
+                self.series.add(line)
+            stamp = file_stamp(self.path / "status.json")
+            if stamp != self._status_stamp:
+                self._status_stamp = stamp
+                status, self.status = self.status, status_or_reason(self.path)
+                if status != self.status:
+                    self.status_version += 1
+                    changed = True
+            log_stamp = file_stamp(self.path / "train.log")
+            changed = changed or log_stamp != self.log_stamp
+            self.log_stamp = log_stamp
+            self.version += changed
+            return changed
+
+    def data_key(self, *kinds: str) -> tuple:
+        """What tells a change of the lines of these kinds: the file's generation and how many lines each has."""
+        s = self.series
+        counts = {"train": s.train["step"], "eval": s.eval["step"], "system": s.system["step"], "event": s.events}
+        return (self.tail.generation, *(len(counts[k]) for k in kinds))
+
+    def view(self, name: str, key: Any, build: Callable[[], Any]) -> Any:
+        """build() once per key: every page asking for the same view of the same data gets the same object."""
+        with self._lock:
+            hit = self._views.get(name)
+            if hit is None or hit[0] != key:
+                hit = self._views[name] = (key, build())
+            return hit[1]
 
 
 class Watchers:

@@ -1,0 +1,156 @@
+"""What a page's timer tick does on the server: a tick that finds nothing new rebuilds and re-reads nothing, a new
+metrics line redraws only the charts it feeds, and ten pages watching one run share one reader and one build of
+each chart (benchmarks/ui_latency.py measures what that costs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from app import export_tab, runs_tab, train_tab
+from app.context import AppContext
+from trainer.jobs import JobManager
+from trainer.monitor import Watchers
+from trainer.run_dir import RunDir
+
+SKIP = gr.skip()
+OUT = {name: i for i, name in enumerate(train_tab.MONITOR_OUTPUTS)}
+CHARTS = ("loss", "optim", "speed", "memory")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> AppContext:
+    runs = tmp_path / "runs"
+    ctx = AppContext(runs, JobManager(runs, max_running=0), example=None)  # nothing starts: the files are written here
+    ctx.watchers = Watchers(min_interval_s=0)  # every tick sees the files as they are now
+    return ctx
+
+
+def running_run(ctx: AppContext, steps: int = 5) -> RunDir:
+    run = RunDir(ctx.runs_dir / "r1")
+    run.path.mkdir(parents=True)
+    run.config.write_text("model: {name_or_path: tiny}\n")
+    ctx.manager.registry.add("r1", "r1", "train", run.config, run.path, state="running")
+    run.write_status(state="running", started_at=1.0, max_steps=100)
+    for step in range(1, steps + 1):
+        train_step(run, step)
+    return run
+
+
+def train_step(run: RunDir, step: int) -> None:
+    run.append_metric("train", step, loss=1.0 / step, learning_rate=1e-4, grad_norm=0.5, tokens_per_second=900.0)
+    run.write_status(step=step)
+
+
+def points(plot: gr.components.plot.PlotData, trace: int = 0) -> list:
+    return json.loads(plot.plot)["data"][trace]["x"]
+
+
+def drawn(out: list) -> set[str]:
+    return {name for name in OUT if name not in ("seen", "timer") and out[OUT[name]] != SKIP}
+
+
+def test_a_tick_that_finds_nothing_new_draws_and_reads_nothing(ctx: AppContext) -> None:
+    run = running_run(ctx)
+    seen = dict(train_tab.UNSEEN)
+    assert train_tab.monitor_due(ctx, "r1", seen) != SKIP  # a page that has drawn nothing is due
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"run", "progress", "error", *CHARTS, "log"} and points(out[OUT["loss"]]) == [1, 2, 3, 4, 5]
+    seen = out[OUT["seen"]]
+    watch = ctx.watchers.get(run.path)
+    status, tail = watch.status, watch.tail
+    for _ in range(3):
+        assert train_tab.monitor_due(ctx, "r1", seen) == SKIP
+        assert drawn(train_tab.monitor_update(ctx, "r1", seen)) == set()  # a redraw fired anyway rebuilds nothing
+    assert watch.status is status  # status.json unchanged: not read again
+    assert tail.bytes_read == run.metrics_file.stat().st_size  # every byte of metrics.jsonl read once
+    run.close()
+
+
+def test_a_new_line_redraws_only_the_charts_it_feeds(ctx: AppContext) -> None:
+    run = running_run(ctx)
+    seen = train_tab.monitor_update(ctx, "r1", dict(train_tab.UNSEEN))[OUT["seen"]]
+
+    run.append_metric("system", 5, cpu_rss_gb=1.5)  # a memory sample alone
+    assert train_tab.monitor_due(ctx, "r1", seen) != SKIP
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"memory"} and json.loads(out[OUT["memory"]].plot)["data"][0]["y"] == [1.5]
+    seen = out[OUT["seen"]]
+
+    train_step(run, 6)  # a train line and the step in status.json
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"progress", "loss", "optim", "speed"} and points(out[OUT["loss"]])[-1] == 6
+    assert 'data-step="6"' in out[OUT["progress"]]
+    seen = out[OUT["seen"]]
+
+    run.append_metric("eval", 6, eval_loss=0.9)
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"loss"} and points(out[OUT["loss"]], trace=2) == [6]
+    seen = out[OUT["seen"]]
+
+    with open(run.log_file, "a") as f:  # the trainer prints without a new metric
+        f.write("saving checkpoint-6\n")
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"log"} and out[OUT["log"]].endswith("saving checkpoint-6")
+    assert train_tab.monitor_due(ctx, "r1", out[OUT["seen"]]) == SKIP
+    run.close()
+
+
+def test_ten_pages_share_one_reader_and_one_build_of_each_chart(ctx: AppContext) -> None:
+    run = running_run(ctx)
+    pages = [train_tab.monitor_update(ctx, None, dict(train_tab.UNSEEN))[OUT["seen"]] for _ in range(10)]
+    assert {page["run"] for page in pages} == {"r1"}  # each page found the running job by itself
+    train_step(run, 6)
+    with open(run.log_file, "a") as f:
+        f.write("step 6\n")
+    outs = [
+        train_tab.monitor_update(ctx, "r1", seen) for seen in pages if train_tab.monitor_due(ctx, "r1", seen) != SKIP
+    ]
+    assert len(outs) == 10 and all(points(out[OUT["loss"]])[-1] == 6 for out in outs)
+    for name in ("loss", "optim", "speed", "log"):  # built once, the same object sent to every page
+        assert len({id(out[OUT[name]]) for out in outs}) == 1, name
+    assert all(out[OUT["memory"]] == SKIP for out in outs)  # no new memory sample: not rebuilt
+    watch = ctx.watchers.get(run.path)
+    assert watch.tail.bytes_read == run.metrics_file.stat().st_size  # one reader, each byte read once
+    run.close()
+
+
+def test_the_runs_tab_tick_rebuilds_its_table_and_evaluation_only_on_change(ctx: AppContext) -> None:
+    run = running_run(ctx)
+    due = runs_tab.runs_due(ctx, None, "r1", None)
+    assert SKIP not in due  # nothing shown yet: the table and the evaluation are both due
+    rows, *_, table_seen = runs_tab.table_update(ctx, None, "r1")
+    assert rows[0][0] == "r1"
+    *view, eval_seen = runs_tab.eval_update(ctx, "r1", None)
+    assert view[1] == [] and view[2] is None  # no evaluation yet
+    assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen) == (SKIP, SKIP)
+    assert runs_tab.eval_update(ctx, "r1", eval_seen)[:4] == [SKIP] * 4
+
+    result = {"rows": 2, "data": "held.jsonl", "base": {"exact_match": 0.0, "loss": 2.0, "perplexity": 7.4}}
+    result["adapter"] = {"exact_match": 0.5, "loss": 1.0, "perplexity": 2.7}
+    (run.path / "eval_results.json").write_text(json.dumps(result))
+    assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen)[0] == SKIP  # the table did not change
+    *view, eval_seen = runs_tab.eval_update(ctx, "r1", eval_seen)
+    assert [r[0] for r in view[1]] == ["base", "adapter"] and view[2] is not None
+    train_step(run, 6)
+    assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen)[1] == SKIP  # the evaluation did not change
+    assert runs_tab.table_update(ctx, table_seen, "r1")[0][0][0] == "r1"
+    run.close()
+
+
+def test_the_export_tab_tick_redraws_a_job_only_when_its_files_change(ctx: AppContext) -> None:
+    assert export_tab.export_due(ctx, None, None) == SKIP  # no job picked: nothing to draw, ever
+    job_id = ctx.manager.submit_side_job("export", ["--adapter", "x"], name="r1")
+    assert export_tab.export_due(ctx, job_id, None) != SKIP
+    *view, seen = export_tab.export_update(ctx, job_id, None)
+    assert f"`{job_id}`: queued" in view[0]
+    assert export_tab.export_due(ctx, job_id, seen) == SKIP
+    assert export_tab.export_update(ctx, job_id, seen)[:3] == [SKIP] * 3
+    job_dir = ctx.runs_dir / ".jobs" / job_id
+    with open(job_dir / "job.log", "a") as f:
+        f.write("merging\n")
+    assert export_tab.export_due(ctx, job_id, seen) != SKIP
+    assert export_tab.export_update(ctx, job_id, seen)[1] == "merging"
