@@ -122,6 +122,8 @@ def table_update(ctx: AppContext, last: Any, selected: str | None) -> tuple[Any,
     if rows == last:
         return gr.skip(), gr.skip(), gr.skip(), last
     ids = [r[0] for r in rows]
+    if last is not None and ids == [r[0] for r in last]:  # a run's numbers changed, not which runs there are
+        return rows, gr.skip(), gr.skip(), rows
     value = selected if selected in ids else None
     return rows, gr.CheckboxGroup(choices=ids), gr.Dropdown(choices=ids, value=value), rows
 

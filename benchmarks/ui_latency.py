@@ -1,16 +1,24 @@
-"""Measure the UI's live path: latency from a metrics.jsonl line being written to its point appearing in
-the browser's loss chart, and the UI server's CPU use while idle and while streaming a run.
+"""What watching a run costs: training throughput with 0, 1 and 10 pages watching it, the UI server's CPU per
+timer tick, and the latency from a metrics.jsonl line being written to its point in the page's loss chart.
 
-Real parts only: the `lora-workbench ui` server, Debian's Chromium through Playwright, and a tiny-model run
-started from the page with a metric line every step. Prints a markdown table; asserts nothing.
+    python benchmarks/ui_latency.py                                   # the real model, 0 / 1 / 10 pages
+    python benchmarks/ui_latency.py --config examples/tiny-lora.yaml --steps 300   # the tiny model, same table
+    python benchmarks/ui_latency.py --ticks-only                      # the per-tick CPU table alone (no browser)
 
-    python benchmarks/ui_latency.py [--steps 600] [--pages 1] [--idle-s 20]
+Real parts only. The tick table calls each timer's event through Gradio's own process_api in this process (input
+preprocessing, the handler, output postprocessing, then the redraw its state change triggers, as the page does),
+on a registered run whose metrics.jsonl grows, timing each with time.process_time: no HTTP, no browser. The pages
+table runs the `lora-workbench ui` server, queues the run on its job queue (the registry the page submits to), and
+watches it from Debian's Chromium through Playwright, each page in its own browser context (its own session).
+Needs the built-in model cached (LORA_WORKBENCH_CACHE, HF_HUB_OFFLINE=1). Prints markdown; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -22,8 +30,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, Server, set_number  # noqa: E402
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 
+# Each page notes when every step first shows in its loss chart (25 ms resolution: a finer poll costs the browser
+# CPU that, on a small machine, the training run would miss).
 RECORDER_JS = """() => {
   window.__seen = {};
   setInterval(() => {
@@ -31,78 +41,212 @@ RECORDER_JS = """() => {
     if (!d || !d.x) return;
     const now = Date.now() / 1000;
     for (const s of d.x) if (!(s in window.__seen)) window.__seen[s] = now;
-  }, 10);
+  }, 25);
 }"""
+RUN_OVERRIDES = ["training.logging_steps=1", "training.eval_steps=1000000", "training.save_steps=1000000"]
 
 
-def cpu_percent(proc: psutil.Process, seconds: float) -> float:
-    """Mean CPU use of a process (and its threads) over a window, in % of one core."""
-    t0, c0 = time.monotonic(), sum(proc.cpu_times()[:2])
-    time.sleep(seconds)
-    return 100 * (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
+# --- the server's CPU per tick, in this process --------------------------------------------------------------
+def _growing_run(runs: Path):
+    from app.context import AppContext
+    from trainer.jobs import JobManager
+    from trainer.run_dir import RunDir
+
+    ctx = AppContext(runs, JobManager(runs, max_running=0), example="examples/tiny-lora.yaml")
+    ctx.watchers.min_interval_s = 0.0  # each tick polls: the cost of the poll is counted every time
+    run = RunDir(runs / "watched")
+    run.path.mkdir(parents=True)
+    run.config.write_text("model: {name_or_path: builtin:tiny}\n")
+    ctx.manager.registry.add("watched", "watched", "train", run.config, run.path, state="running")
+    run.write_status(state="running", started_at=time.time(), max_steps=100000)
+    log = open(run.log_file, "a")  # noqa: SIM115 (the run's log, open while it grows)
+
+    def step(n: int) -> None:  # what a logged step writes: a train and a system line, the step, a log line
+        run.append_metric("train", n, loss=2.0 / n, learning_rate=1e-4, grad_norm=0.5, tokens_per_second=900.0)
+        run.append_metric("system", n, cpu_rss_gb=1.2)
+        run.write_status(step=n)
+        log.write(f"{{'loss': {2.0 / n:.4f}, 'step': {n}}}\n")
+        log.flush()
+
+    return ctx, step
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the streamed run (1 line/step)")
-    ap.add_argument("--pages", type=int, default=1, help="browser pages watching the run at once")
-    ap.add_argument("--idle-s", type=float, default=20.0, help="idle window for the CPU measurement")
-    args = ap.parse_args()
+class Page:
+    """One browser session as the server sees it: its state, and each timer event fired as its page fires it."""
+
+    loop = asyncio.new_event_loop()  # one loop for every call, as in the server: its worker threads are reused
+
+    def __init__(self, demo):
+        from gradio.state_holder import SessionState
+
+        self.demo, self.state = demo, SessionState(demo)
+
+    def _call(self, fn, values: dict[str, object]) -> dict:
+        inputs = [None if b.stateful else values.get(b.elem_id, getattr(b, "value", None)) for b in fn.inputs]
+        return self.loop.run_until_complete(self.demo.process_api(fn, inputs, state=self.state))
+
+    def fire(self, fn, values: dict[str, object]) -> float:
+        """CPU seconds of the event and of the listeners its state changes trigger (the redraws)."""
+        start = time.process_time()
+        result = self._call(fn, values)
+        for state_id in result["changed_state_ids"]:
+            for listener in self.demo.fns.values():
+                if (state_id, "change") in listener.targets:
+                    self._call(listener, values)
+        return time.process_time() - start
+
+
+def tick_costs(history: int = 500) -> list[tuple[str, float, float, float]]:
+    """(timer, ms per tick that finds nothing new, ms per tick + redraw after one new step, the same per page
+    when ten pages watch) for each timer of the page."""
+    from app.server import build_app
+
+    ctx, step = _growing_run(Path(tempfile.mkdtemp(prefix="lwb-ticks-")) / "runs")
+    for n in range(1, history + 1):
+        step(n)
+    demo = build_app(ctx)
+    values = {"watch-run": "watched", "open-run": "watched", "export-job": None}
+    timers = {"Train monitor": "watch-run", "Runs tab": "runs-table", "Export tab": "export-progress"}
+    rows, n = [], history
+    pages = [Page(demo) for _ in range(10)]
+    for name, elem_id in timers.items():
+        fn = next(f for f in demo.fns.values() if ("tick" in {t[1] for t in f.targets}) and _drives(demo, f, elem_id))
+        for page in pages:  # the first draws (a dropdown takes a value once a redraw gave it its choices)
+            for shown in ({}, {}, values, values):
+                page.fire(fn, shown)
+        idle = [pages[0].fire(fn, values) for _ in range(30)]
+        new = []
+        for _ in range(10):
+            n += 1
+            step(n)
+            new.append(pages[0].fire(fn, values))
+        n += 1
+        step(n)
+        ten = sum(page.fire(fn, values) for page in pages) / len(pages)
+        rows.append((name, 1000 * statistics.median(idle), 1000 * statistics.median(new), 1000 * ten))
+    return rows
+
+
+def _drives(demo, tick, elem_id: str) -> bool:
+    """The tick whose redraw (through the state it sets) has the element with elem_id among its outputs."""
+    outs = {o._id for o in tick.outputs if o.stateful}
+    redraws = [f for f in demo.fns.values() if any((i, "change") in f.targets for i in outs)]
+    return any(getattr(o, "elem_id", None) == elem_id for f in redraws for o in [*f.outputs, *f.inputs])
+
+
+# --- pages watching a real run -------------------------------------------------------------------------------
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def watch_run(config: str, steps: int, pages: int, warmup: int) -> dict[str, float]:
+    """Queue one run of `config` on a fresh server with `pages` pages watching; what it measured."""
     from playwright.sync_api import sync_playwright
+
+    from trainer.jobs import JobManager
+    from trainer.presets import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="lwb-bench-"))
     server = Server(tmp / "runs", tmp / "server.log")
     server.start()
-    proc = psutil.Process(server.proc.pid)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            pages = [browser.new_page(viewport={"width": 1500, "height": 1100}) for _ in range(args.pages)]
-            for page in pages:
-                page.set_default_timeout(120_000)
+    server_proc = psutil.Process(server.proc.pid)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            opened = []
+            for _ in range(pages):
+                page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+                page.set_default_timeout(180_000)
                 page.goto(server.url)
                 page.wait_for_selector("#start-btn")
-            time.sleep(5)  # let the first load's estimate and preview settle
-            idle_cpu = cpu_percent(proc, args.idle_s)
-
-            main_page = pages[0]
-            set_number(main_page, "training.max_steps", args.steps)
-            set_number(main_page, "training.logging_steps", 1)
-            for page in pages:
                 page.evaluate(RECORDER_JS)
-            main_page.click("#start-btn")
-            main_page.wait_for_function("() => document.querySelector('#start-msg')?.innerText.startsWith('Run ')")
-            run_id = main_page.inner_text("#start-msg").split()[1]
-            run = server.runs_dir / run_id
-            main_page.wait_for_function("() => Object.keys(window.__seen).length > 5")
-            streaming_cpu = cpu_percent(proc, 5.0)
-            while json.loads((run / "status.json").read_text()).get("state") == "running":
-                time.sleep(0.5)
-            time.sleep(2.5)  # the last points reach the page
-            seen = [page.evaluate("() => window.__seen") for page in pages]
+                opened.append(page)
+            time.sleep(8)  # the first load's estimate and data preview settle
+            cfg = load_config(config, [f"training.max_steps={steps}", *RUN_OVERRIDES])
+            run = server.runs_dir / JobManager(server.runs_dir).submit(cfg)  # the server's queue starts it
+            metrics = run / "metrics.jsonl"
+            while not metrics.exists() or '"kind": "train"' not in metrics.read_text():
+                time.sleep(0.2)
+            browser_procs = [c for c in psutil.Process().children(recursive=True) if "chrom" in c.name().lower()]
+            t0, s0, b0 = time.monotonic(), _cpu_s([server_proc]), _cpu_s(browser_procs)
+            while json.loads((run / "status.json").read_text()).get("state") in ("queued", "running"):
+                time.sleep(0.25)
+            wall, server_s, browser_s = time.monotonic() - t0, _cpu_s([server_proc]) - s0, _cpu_s(browser_procs) - b0
+            time.sleep(2)  # the last points reach the pages
+            seen = [page.evaluate("() => window.__seen") for page in opened]
+        finally:
             browser.close()
-    finally:
-        server.stop()
-
-    written = {
-        m["step"]: m["time"]
-        for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-        if m["kind"] == "train"
+            server.stop()
+    lines = [m for m in map(json.loads, metrics.read_text().splitlines()) if m["kind"] == "train"]
+    timed = lines[warmup:]
+    written = {m["step"]: m["time"] for m in lines}
+    latencies = sorted(t - written[int(float(s))] for ps in seen for s, t in ps.items() if int(float(s)) in written)
+    return {
+        "state": json.loads((run / "status.json").read_text())["state"],
+        "steps_per_s": (len(timed) - 1) / (timed[-1]["time"] - timed[0]["time"]),
+        "tokens_per_s": statistics.mean(m["tokens_per_second"] for m in timed if m.get("tokens_per_second")),
+        "server_cpu": 100 * server_s / wall,
+        "browser_cpu": 100 * browser_s / wall,
+        "latencies": latencies,
+        "expected_points": len(lines) * pages,
     }
-    latencies = [
-        t - written[int(float(s))] for page_seen in seen for s, t in page_seen.items() if int(float(s)) in written
-    ]
-    latencies.sort()
-    q = statistics.quantiles(latencies, n=20)
-    print(f"\nUI live path on {platform.node()} ({psutil.cpu_count()} CPUs, {platform.platform()})")
-    print(f"{len(written)} metric lines over {args.steps} steps, {args.pages} page(s) watching\n")
-    print("| measure | value |\n|---|---|")
-    print(f"| metric line -> point in the page, median | {statistics.median(latencies):.2f} s |")
-    print(f"| metric line -> point in the page, p95 | {q[18]:.2f} s |")
-    print(f"| metric line -> point in the page, max | {latencies[-1]:.2f} s |")
-    print(f"| points seen / lines written | {len(latencies)} / {len(written) * args.pages} |")
-    print(f"| UI server CPU, idle with {args.pages} page(s) open | {idle_cpu:.1f} % of one core |")
-    print(f"| UI server CPU, streaming to {args.pages} page(s) | {streaming_cpu:.1f} % of one core |")
+
+
+def _latency(values: list[float]) -> str:
+    if not values:
+        return "-"
+    p95 = statistics.quantiles(values, n=20)[18] if len(values) > 1 else values[0]
+    return f"{statistics.median(values):.2f} / {p95:.2f} / {values[-1]:.2f} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", help="run config (repeatable; default: the real-model example)")
+    ap.add_argument("--steps", type=int, default=24, help="training steps per run (a metrics line per step)")
+    ap.add_argument("--warmup", type=int, default=4, help="first steps left out of the throughput")
+    ap.add_argument("--pages", default="0,1,10", help="page counts, comma-separated")
+    ap.add_argument("--ticks-only", action="store_true", help="print the per-tick table only")
+    args = ap.parse_args()
+    load = os.getloadavg()
+    print(f"\nUI cost on {platform.node()} ({psutil.cpu_count()} CPUs, {platform.platform()}), load {load[0]:.1f}")
+    print("\nServer CPU per timer tick, through Gradio's process_api in this process (HTTP transport not included)\n")
+    print("| timer | tick, nothing new | tick + redraw, one new step | the same, per page of ten |\n|---|---|---|---|")
+    for name, idle, new, ten in tick_costs():
+        print(f"| {name} | {idle:.2f} ms | {new:.2f} ms | {ten:.2f} ms |")
+    if args.ticks_only:
+        return
+    results = []
+    for config in args.config or ["examples/smollm2-persona.yaml"]:
+        for pages in map(int, args.pages.split(",")):
+            r = watch_run(config, args.steps, pages, args.warmup)
+            results.append((config, pages, r))
+            print(f"  {config}, {pages} page(s): {r['steps_per_s']:.3f} steps/s ({r['state']})", file=sys.stderr)
+    print(
+        f"\n{args.steps} steps a run, a metrics line each, first {args.warmup} left out of the rates; load after: ",
+        end="",
+    )
+    print(f"{os.getloadavg()[0]:.1f}\n")
+    print(
+        "| config | pages | steps/s | vs no page | tokens/s | server CPU | Chromium CPU | line → page, median / p95 / max |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    base: dict[str, float] = {}
+    for config, pages, r in results:
+        base.setdefault(config, r["steps_per_s"]) if pages == 0 else None
+        rel = f"{100 * (r['steps_per_s'] / base[config] - 1):+.1f}%" if config in base else "-"
+        points = f" ({len(r['latencies'])}/{r['expected_points']} points)" if pages else ""
+        print(
+            f"| {Path(config).name} | {pages} | {r['steps_per_s']:.3f} | {rel} | {r['tokens_per_s']:.0f} | "
+            f"{r['server_cpu']:.1f}% | {r['browser_cpu']:.0f}% | {_latency(r['latencies'])}{points} |"
+        )
+    print("\nCPU in % of one core over the run's training; Chromium runs on the same machine here.")
 
 
 if __name__ == "__main__":

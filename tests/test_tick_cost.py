@@ -137,7 +137,8 @@ def test_the_runs_tab_tick_rebuilds_its_table_and_evaluation_only_on_change(ctx:
     assert [r[0] for r in view[1]] == ["base", "adapter"] and view[2] is not None
     train_step(run, 6)
     assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen)[1] == SKIP  # the evaluation did not change
-    assert runs_tab.table_update(ctx, table_seen, "r1")[0][0][0] == "r1"
+    rows, picks, opened, _ = runs_tab.table_update(ctx, table_seen, "r1")
+    assert rows[0][0] == "r1" and picks == opened == SKIP  # the same runs: their choices are not sent again
     run.close()
 
 
