@@ -2,7 +2,10 @@
 how far a broken export moves them (a real bug), to place trainer/gguf_export.py's GGUF_TOLERANCE between the two.
 
     LORA_WORKBENCH_CACHE=~/.cache/lora-workbench-tests python benchmarks/gguf_tolerance.py --adapter runs/<id>/adapter
-    python benchmarks/gguf_tolerance.py --adapter DIR --quants f16 q8_0 q4_k_m   # k-quants need llama-quantize
+    python benchmarks/gguf_tolerance.py --adapter DIR --quants f16 q8_0 q4_k_m   # one type or a few
+
+By default every GGUF type: f16, bf16, q8_0 and, where llama-quantize is built (`lora-workbench build-llama-cpp`),
+the k-quants q6_k, q5_k_m, q4_k_m (each quantized from the f16 GGUF, as the export does; "s to write" counts that f16 conversion in the first).
 
 Takes a trained adapter of builtin:smollm2-135m, writes three fp32 checkpoints (base + adapter merged, the base alone
 = adapter dropped, the adapter merged at twice its scale), converts each with llama.cpp's converter to each GGUF type
@@ -54,24 +57,27 @@ def checkpoints(adapter: Path, tmp: Path) -> tuple[dict[str, Path], list[Any], A
     return dirs, reference, tokenizer
 
 
-def gguf_of(converter: Path, model_dir: Path, out: Path, quant: str) -> Path:
+def gguf_of(converter: Path, cache: Path, model_dir: Path, out: Path, quant: str) -> Path:
+    """The converter's GGUF of model_dir, or for a k-quant llama-quantize's of its f16 GGUF (kept for the next)."""
     from trainer.gguf_export import CONVERTER_QUANTS
     from trainer.llama_cpp import convert, quantize
 
     if quant in CONVERTER_QUANTS:
         convert(converter, model_dir, out, quant, log=lambda _: None)
         return out
-    f16 = out.with_suffix(".f16.gguf")
-    convert(converter, model_dir, f16, "f16", log=lambda _: None)
-    quantize(f16, out, quant, log=lambda _: None)
-    f16.unlink()
+    f16 = out.with_name(out.name.split(".")[0] + ".f16-source.gguf")
+    if not f16.is_file():
+        convert(converter, model_dir, f16, "f16", log=lambda _: None)
+    quantize(f16, out, quant, cache, log=lambda _: None)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", type=Path, required=True, help="an adapter of builtin:smollm2-135m")
-    ap.add_argument("--quants", nargs="+", default=["f16", "bf16", "q8_0"])
+    ap.add_argument(
+        "--quants", nargs="+", help="GGUF types (default: all; the k-quants where llama-quantize is built)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     args = ap.parse_args()
     import torch
@@ -79,19 +85,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from trainer.builtin_models import cache_root
     from trainer.export_fidelity import compare, forward_logits, prompt_inputs
-    from trainer.gguf_export import GGUF_TOLERANCE, load_gguf
-    from trainer.llama_cpp import ensure_converter
+    from trainer.gguf_export import CONVERTER_QUANTS, GGUF_TOLERANCE, K_QUANTS, load_gguf
+    from trainer.llama_cpp import ensure_converter, find_quantizer
 
+    cache = cache_root("runs")
+    quantizer = find_quantizer(cache)
+    quants = args.quants or [*CONVERTER_QUANTS, *(reversed(K_QUANTS) if quantizer else ())]
     tmp = Path(tempfile.mkdtemp(prefix="lwb-gguf-tolerance-"))
     log, rows, t0 = tmp / "bench.log", [], time.perf_counter()
     with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        converter = ensure_converter(cache_root("runs"))
+        converter = ensure_converter(cache)
         dirs, reference, tokenizer = checkpoints(args.adapter.resolve(), tmp)
         scale = scale_of(reference)
-        for quant in args.quants:
+        for quant in quants:
             for case, model_dir in dirs.items():
                 t = time.perf_counter()
-                gguf = gguf_of(converter, model_dir, tmp / f"{case.replace(' ', '-')}.{quant}.gguf", quant)
+                gguf = gguf_of(converter, cache, model_dir, tmp / f"{case.replace(' ', '-')}.{quant}.gguf", quant)
                 seconds = time.perf_counter() - t
                 model, _ = load_gguf(gguf)
                 f = compare(reference, forward_logits(model, prompt_inputs(tokenizer)), "fp32")
@@ -99,11 +108,13 @@ def main() -> None:
                 label = f"{quant}, {case}" if case == "merged" else f"{quant}, broken: adapter {case}"
                 rows.append(row(label, f, scale, f"{gguf.stat().st_size / 1e6:.0f} MB, {seconds:.0f} s to write"))
                 gguf.unlink()
+        for source in tmp.glob("*.f16-source.gguf"):
+            source.unlink()
     print(f"(logs: {log}; {time.perf_counter() - t0:.0f} s)\n")
     print("## GGUF export tolerance on builtin:smollm2-135m (`benchmarks/gguf_tolerance.py`)\n")
     print("\n".join(machine_lines(args.threads)))
     print(f"Adapter: {args.adapter}. Reference: fp32 base + adapter, unmerged; max |logit| {scale:.3g}.")
-    print(f"Current GGUF_TOLERANCE: {GGUF_TOLERANCE}.\n")
+    print(f"llama-quantize: {quantizer or 'not built (no k-quant rows)'}. Current GGUF_TOLERANCE: {GGUF_TOLERANCE}.\n")
     print("| GGUF | max \\|Δlogit\\| | relative to max \\|logit\\| | mean \\|Δlogit\\| | greedy agree | file |")
     print("|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 

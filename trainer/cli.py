@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("model_id", help="e.g. builtin:smollm2-135m")
     prep.add_argument("--runs-dir", default="runs", help="its cache is <runs-dir>/.cache unless $LORA_WORKBENCH_CACHE")
 
+    llama = sub.add_parser("build-llama-cpp", help="compile llama.cpp's llama-quantize (k-quant GGUF exports), once")
+    llama.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    llama.add_argument(
+        "--runs-dir", default="runs", help="its cache is <runs-dir>/.cache unless $LORA_WORKBENCH_CACHE"
+    )
+
     ev = sub.add_parser("evaluate", help="score base vs adapter on a held-out file (exact match + loss)")
     ev.add_argument("run_dir", help="a finished run directory (runs/<run_id>)")
     ev.add_argument("--data", help="held-out data file (default: the run's eval data)")
@@ -166,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.builtin_models import prepare_command
 
         return prepare_command(args.model_id, args.runs_dir)
+    if args.command == "build-llama-cpp":
+        from trainer.llama_cpp_build import build_command
+
+        return build_command(args.runs_dir, args.jobs)
     if args.command == "evaluate":
         from trainer.evaluate import evaluate_command
 

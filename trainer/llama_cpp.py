@@ -5,7 +5,9 @@ with the `conversion/` package and `gguf-py`, needs no compiler: it is extracted
 <cache>/llama.cpp-VERSION and run as a subprocess on a saved checkpoint. Where it comes from, first found wins:
 $LLAMA_CPP_DIR (a llama.cpp checkout, e.g. in the Docker image), the extracted copy, an sdist already in
 <cache>/downloads, else `pip download --no-deps --no-binary :all: llama-cpp-python==VERSION` (checked against its
-sha256). k-quants (q4_k_m, ...) need the compiled `llama-quantize`: $LLAMA_QUANTIZE or on PATH.
+sha256). k-quants (q4_k_m, ...) need the compiled `llama-quantize`: $LLAMA_QUANTIZE, on PATH, else the one
+`lora-workbench build-llama-cpp` compiled from the same sdist into <cache>/llama.cpp-VERSION-build/bin
+(trainer/llama_cpp_build.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ VENDORED = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
 # The converter's Python files: the script, its per-architecture package and the gguf library it was written with.
 PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 CONVERTER = "convert_hf_to_gguf.py"
+BUILD = f"llama.cpp-{VERSION}-build"  # in the cache: bin/llama-quantize, bin/llama-completion
+BUILD_HINT = (
+    "build it once with `lora-workbench build-llama-cpp` (needs cmake and a C++ compiler; ~10 min on 2 cores), "
+    "or set $LLAMA_QUANTIZE or put llama-quantize on PATH; the Docker image has it"
+)
 
 
 class LlamaCppError(RuntimeError):
@@ -47,12 +54,17 @@ def ensure_converter(cache: Path, log: Log = print_log) -> Path:
     with _locked(cache / f".llama.cpp-{VERSION}.lock", log):
         if (target / CONVERTER).is_file():  # another process extracted it while we waited
             return target
-        sdist = cache / "downloads" / SDIST
-        if not sdist.is_file():
-            download_sdist(sdist.parent, log)
-        check_sha256(sdist, SDIST_SHA256)
-        extract(sdist, target, log)
+        extract(fetch_sdist(cache, log), target, log)
     return target
+
+
+def fetch_sdist(cache: Path, log: Log) -> Path:
+    """<cache>/downloads/SDIST, downloaded if missing and checked against its sha256."""
+    sdist = cache / "downloads" / SDIST
+    if not sdist.is_file():
+        download_sdist(sdist.parent, log)
+    check_sha256(sdist, SDIST_SHA256)
+    return sdist
 
 
 def download_sdist(downloads: Path, log: Log) -> None:
@@ -105,15 +117,15 @@ def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, log: 
     run_tool([*cmd, "--outtype", outtype], f"llama.cpp's {CONVERTER} --outtype {outtype}", log, env)
 
 
-def find_quantizer() -> str | None:
-    """The compiled llama-quantize: $LLAMA_QUANTIZE, else on PATH."""
-    return os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+def find_quantizer(cache: Path) -> str | None:
+    """The compiled llama-quantize: $LLAMA_QUANTIZE, else on PATH, else the one built into the cache."""
+    built = cache / BUILD / "bin" / "llama-quantize"
+    found = os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    return found or (str(built) if built.is_file() else None)
 
 
-def quantize(source: Path, outfile: Path, quant: str, log: Log = print_log) -> None:
-    quantizer = find_quantizer()
+def quantize(source: Path, outfile: Path, quant: str, cache: Path, log: Log = print_log) -> None:
+    quantizer = find_quantizer(cache)
     if quantizer is None:
-        raise LlamaCppError(
-            f"--quant {quant}: needs llama.cpp's llama-quantize (set $LLAMA_QUANTIZE or put it on PATH)"
-        )
+        raise LlamaCppError(f"--quant {quant}: needs llama.cpp's llama-quantize: {BUILD_HINT}")
     run_tool([quantizer, str(source), str(outfile), quant.upper()], f"llama-quantize {quant}", log)
