@@ -1,0 +1,110 @@
+"""trainer/lean_memory.py: a training command re-executes itself on a lean allocator where one is installed, and
+TRL's fused LM head scores a CPU batch in small tiles with the same results."""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer import lean_memory
+from trainer.paths import PROJECT_ROOT
+
+# What a training command runs first; the re-executed process prints what it runs on.
+COMMAND = textwrap.dedent(
+    """
+    import json, os, sys
+    from trainer import lean_memory
+
+    print(os.getpid())  # once per execution
+    name = lean_memory.use_lean_allocator({allocators!r})
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({{"name": name, "loaded": "/lib{first}." in maps, "argv": sys.argv[1:],
+                      "env": [k for k in ("LD_PRELOAD", lean_memory.MARK) if k in os.environ]}}))
+    """
+)
+
+
+def run_command(allocators: tuple[str, ...], **env: str) -> dict:
+    code = COMMAND.format(allocators=allocators, first=allocators[0])
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
+    out = subprocess.run(
+        [sys.executable, "-c", code, "--flag"],
+        cwd=PROJECT_ROOT,
+        env=base | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    *pids, result = out.stdout.splitlines()
+    return json.loads(result) | {"pids": pids}
+
+
+@pytest.mark.skipif(ctypes.util.find_library("tcmalloc_minimal") is None, reason="libtcmalloc-minimal4 not installed")
+def test_a_training_command_reexecutes_itself_on_tcmalloc_once():
+    result = run_command(lean_memory.ALLOCATORS)
+    assert len(result["pids"]) == 2 and len(set(result["pids"])) == 1  # ran twice, as one process
+    assert result["name"] == "tcmalloc_minimal" and result["loaded"] and result["argv"] == ["--flag"]
+    assert result["env"] == []  # the processes it starts (ranks, jobs) choose for themselves again
+
+
+def test_without_an_installed_allocator_or_when_the_user_chose_the_command_runs_as_it_is():
+    missing = run_command(("no-such-allocator",))
+    assert missing["name"] is None and len(missing["pids"]) == 1
+    assert run_command(lean_memory.ALLOCATORS, LORA_WORKBENCH_ALLOCATOR="system")["loaded"] is False
+    assert run_command(lean_memory.ALLOCATORS, LD_PRELOAD="")["name"] is None
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op produces while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def fused_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """TRL's fused LM head as SFTTrainer runs it on a CPU: log-probs, entropy and top-1, then the backward. The
+    vocabulary is one chunk here (SFTTrainer's chunk is 32768 entries, wider than this test's vocabulary)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden = hidden.clone().requires_grad_()
+    with LargestTensor() as seen:
+        log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+            hidden, weight, None, targets, 1.0, weight.shape[0], None, 1.0, ("log_probs", "entropy", "is_top1")
+        )
+        (-log_probs.sum()).backward()
+    return (log_probs.detach(), entropy.detach(), is_top1, hidden.grad), seen.numel
+
+
+def test_fused_head_scores_a_cpu_batch_in_small_tiles_with_the_same_results(monkeypatch: pytest.MonkeyPatch):
+    import trl.kernels.chunked_logprob as kernel
+
+    monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", kernel.TOKEN_CHUNK_SIZE)  # restored after the test
+    g = torch.Generator().manual_seed(0)
+    tokens, width, vocab = 4 * lean_memory.HEAD_TILE_TOKENS, 32, 2048
+    hidden, weight = torch.randn(tokens, width, generator=g), torch.randn(vocab, width, generator=g) / 4
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    default, default_largest = fused_head(hidden, weight, targets)
+
+    assert lean_memory.small_head_tiles() == lean_memory.HEAD_TILE_TOKENS
+    lean, lean_largest = fused_head(hidden, weight, targets)
+
+    assert default_largest >= tokens * vocab  # TRL's tile: every position of the batch at once
+    assert lean_largest <= lean_memory.HEAD_TILE_TOKENS * vocab
+    for a, b in zip(default, lean, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
