@@ -101,7 +101,12 @@ def test_fused_head_scores_a_cpu_batch_in_small_tiles_with_the_same_results(monk
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     default, default_largest = fused_head(hidden, weight, targets)
 
-    assert lean_memory.small_head_tiles() == lean_memory.HEAD_TILE_TOKENS
+    assert lean_memory.lean_training(cuda=True)["fused_head_tile_tokens"] is None  # a GPU keeps TRL's tiles
+    assert kernel.TOKEN_CHUNK_SIZE > lean_memory.HEAD_TILE_TOKENS
+    assert lean_memory.lean_training(cuda=False) == {
+        "allocator": lean_memory.loaded_allocator() or "system",
+        "fused_head_tile_tokens": lean_memory.HEAD_TILE_TOKENS,
+    }
     lean, lean_largest = fused_head(hidden, weight, targets)
 
     assert default_largest >= tokens * vocab  # TRL's tile: every position of the batch at once

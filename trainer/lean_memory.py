@@ -3,7 +3,7 @@ on the CPU.
 
     use_lean_allocator()  # first thing in a `lora-workbench train` process (trainer/cli.py): re-executes it
                           # under tcmalloc (or jemalloc) where one is installed, else returns
-    small_head_tiles()    # a CPU run, before training (trainer/train.py)
+    lean_training(cuda)   # in the training process, before the trainer is built (trainer/train.py): head tiles
 
 Where a CPU run's memory went (benchmarks/memory_phases.py; RESULTS.md, "Memory on a real model"), SmolLM2-135M
 fp32, LoRA, 4 x 256 tokens: about 2.5 GB is live at the step's peak (weights, every layer's activations, the LM
@@ -81,3 +81,12 @@ def small_head_tiles(tokens: int = HEAD_TILE_TOKENS) -> int | None:
         return None
     chunked_logprob.TOKEN_CHUNK_SIZE = min(chunked_logprob.TOKEN_CHUNK_SIZE, tokens)
     return chunked_logprob.TOKEN_CHUNK_SIZE
+
+
+def lean_training(cuda: bool) -> dict[str, str | int | None]:
+    """For the training process, once, before the trainer is built: the head's tiles on a CPU; what the run
+    trains with, for its `lean_memory` event."""
+    return {
+        "allocator": loaded_allocator() or "system",
+        "fused_head_tile_tokens": None if cuda else small_head_tiles(),
+    }
