@@ -10,11 +10,42 @@
 # clear error at start instead of a late "no CUDA GPUs"). The tests build this same file on a local
 # Debian base: --build-arg BASE_IMAGE=localhost/lwb-debian-base.
 #
-# One stage on purpose: nothing here is compiled (every dependency is a wheel), so a build stage would only
-# drop pip itself (~15 MB) while copying the multi-GB venv between stages. Layer order does the real work:
-# torch, then the dependencies read from pyproject.toml, then the source, so editing the source rebuilds
-# only the last, small layers.
+# Two stages. The Python side is not compiled (every dependency is a wheel), so it is one stage: a build stage
+# would only drop pip itself (~15 MB) while copying the multi-GB venv between stages. Layer order does the real
+# work: torch, then the dependencies read from pyproject.toml, then the source, so editing the source rebuilds
+# only the last, small layers. The one compiled part, llama.cpp's quantizer (GGUF k-quant exports), is built in
+# a stage of its own so cmake and the compiler stay out of the image.
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+
+# llama.cpp from the C++ source vendored in the llama-cpp-python sdist (trainer/llama_cpp_build.py: CPU only,
+# static, AVX2 baseline): llama-quantize and llama-completion, plus llama.cpp's converter (convert_hf_to_gguf.py,
+# conversion/, gguf-py/), so `lora-workbench export --format gguf` fetches nothing and does q4_k_m, q5_k_m, q6_k.
+# It compiles for 9-18 minutes on 2 cores (measured on the project's shared machine, busy: 562 s at load 6-8, 1047 s
+# in this stage at load 20) and adds 20 MB to the image. `--build-arg LLAMA_CPP=` (empty) skips it, as the tests'
+# image does: that image fetches the converter on first use and exports f16, bf16 and q8_0 only.
+# Offline builds: mount a directory holding the sdist on /tmp/sdist (podman build -v DIR:/tmp/sdist:ro).
+FROM ${BASE_IMAGE} AS llama-cpp
+ARG LLAMA_CPP=1
+# The same pin as trainer/llama_cpp.py (VERSION, SDIST_SHA256).
+ARG LLAMA_CPP_VERSION=0.3.36
+ARG LLAMA_CPP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+ARG PIP_EXTRA_ARGS=""
+ARG DEBIAN_FRONTEND=noninteractive
+COPY trainer/llama_cpp_build.py /tmp/llama_cpp_build.py
+RUN mkdir -p /opt/llama.cpp && case "$LLAMA_CPP" in \
+        "") exit 0 ;; 1) ;; *) echo "LLAMA_CPP=$LLAMA_CPP: 1 builds llama.cpp, empty skips it" >&2; exit 1 ;; esac \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends cmake g++ make python3 python3-venv ca-certificates \
+    && vendored="llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp" \
+    && sdist="/tmp/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz" \
+    && if [ ! -f "$sdist" ]; then python3 -m venv /tmp/venv && /tmp/venv/bin/pip download $PIP_EXTRA_ARGS \
+        --no-deps --no-binary llama-cpp-python -d /tmp/sdist "llama-cpp-python==$LLAMA_CPP_VERSION"; fi \
+    && echo "$LLAMA_CPP_SHA256  $sdist" | sha256sum -c - \
+    && python3 /tmp/llama_cpp_build.py "$sdist" /opt/llama.cpp --jobs "$(nproc)" \
+    && tar -xzf "$sdist" -C /opt/llama.cpp --strip-components=3 --no-same-owner \
+        "$vendored/convert_hf_to_gguf.py" "$vendored/conversion" "$vendored/gguf-py" \
+    && /opt/llama.cpp/bin/llama-completion --version
+
 FROM ${BASE_IMAGE}
 
 ARG DEBIAN_FRONTEND=noninteractive
@@ -41,6 +72,12 @@ RUN python3 -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb
 print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' > /tmp/requirements.txt \
     && pip install $PIP_EXTRA_ARGS -r /tmp/requirements.txt \
     && rm /tmp/pyproject.toml /tmp/requirements.txt
+
+# llama.cpp (empty when built with LLAMA_CPP=): after the venv, so rebuilding it reinstalls nothing.
+ARG LLAMA_CPP=1
+COPY --from=llama-cpp /opt/llama.cpp /opt/llama.cpp
+ENV LLAMA_CPP_DIR=${LLAMA_CPP:+/opt/llama.cpp} LLAMA_QUANTIZE=${LLAMA_CPP:+/opt/llama.cpp/bin/llama-quantize} \
+    PATH=$PATH:/opt/llama.cpp/bin
 
 # The source with its bundled presets/, data/, examples/ and benchmarks/. Editable install because the
 # package finds presets/ and data/ next to itself (trainer/paths.py: PROJECT_ROOT is the parent of trainer/).

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from trainer.builtin_models import Log, _locked, check_sha256, print_log
+from trainer.llama_cpp_build import extract_members
 
 VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
@@ -91,7 +92,7 @@ def extract(sdist: Path, target: Path, log: Log) -> None:
             wanted = [m for m in tar.getmembers() if m.name.removeprefix(VENDORED).startswith(PARTS)]
             for m in wanted:
                 m.name = m.name.removeprefix(VENDORED)
-            tar.extractall(tmp, members=wanted, filter="data")  # "data": no links out, no absolute paths
+            extract_members(tar, tmp, wanted)
         tmp.chmod(0o755)
         tmp.rename(target)
     except BaseException:

@@ -90,8 +90,14 @@ def extract_source(sdist: Path, src: Path, log: Log) -> Path:
         wanted = [m for m in wanted if not m.name.removeprefix(vendored).startswith(NOT_NEEDED)]
         for m in wanted:
             m.name = m.name.removeprefix(vendored)
-        tar.extractall(src, members=wanted, filter="data")
+        extract_members(tar, src, wanted)
     return src
+
+
+def extract_members(tar: tarfile.TarFile, dest: Path, members: list[tarfile.TarInfo]) -> None:
+    """tar's "data" filter (no links out, no absolute paths) where this Python has it: 3.11.4+, 3.10.12+; Debian
+    bookworm's 3.11.2 has not. Without it the sha256 pin on the sdist is what vouches for its member names."""
+    tar.extractall(dest, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
 def run_cmake(cmd: list[str], env: dict[str, str], log: Log) -> None:
@@ -103,7 +109,7 @@ def run_cmake(cmd: list[str], env: dict[str, str], log: Log) -> None:
         tail = [*tail[-29:], line.rstrip()]
         if (m := PROGRESS.match(line)) and (pct := progress_pct(m)) >= shown + 10:
             shown = pct - pct % 10
-            log(f"compiling llama.cpp: {pct}% ({line.split('] ', 1)[0].lstrip('[').strip()})")
+            log(f"compiling llama.cpp: {pct}%" + (f" ({m.group(1)}/{m.group(2)} steps)" if m.group(2) else ""))
     if proc.wait() != 0:
         raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
