@@ -170,8 +170,11 @@ def test_the_page_toggles_method_fields_when_the_method_or_recipe_changes(ctx: A
 
 
 # --- item 9: Start switches the dropdown and the plots together -------------------------------------------------
-def traces_points(fig: Any) -> int:
-    return sum(len(t.x or ()) for t in fig.data)
+def traces_points(plot: Any) -> int:
+    """Points drawn by a chart output: a plotly Figure, or the plotly JSON (gradio PlotData) the monitor sends."""
+    if hasattr(plot, "plot"):  # PlotData: the figure as plotly JSON, built once per change for every page
+        return sum(len(t.get("x") or ()) for t in json.loads(plot.plot)["data"])
+    return sum(len(t.x or ()) for t in plot.data)
 
 
 def test_start_shows_the_new_runs_plots_with_its_name(ctx: AppContext, tmp_path: Path) -> None:
