@@ -49,8 +49,10 @@ RUN mkdir -p /opt/llama.cpp && case "$LLAMA_CPP" in \
 FROM ${BASE_IMAGE}
 
 ARG DEBIAN_FRONTEND=noninteractive
+# libtcmalloc-minimal4: training processes re-execute on it (trainer/lean_memory.py: glibc's malloc fragments
+# activations, ~1 GB over live on the built-in model on a CPU)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/*
 
 # A venv keeps pip away from the distribution's Python (PEP 668) and puts lora-workbench on PATH.

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(result)
             settings = " ".join(args.malloc) or "glibc defaults"
             print(f"\n## {variant} ({settings}{', lean' if args.lean else ''}; {args.steps} steps)\n")
-            print("\n".join(setup_table(result) + [""] + step_table(steps_of(result))))
+            print("\n".join(setup_table(result) + [""] + step_table(steps_of(result))), flush=True)
             for event in result["marks"][-1]["events"]:
                 print(f"workbench event: {event}")
     print(f"\n## Summary ({' '.join(args.malloc) or 'glibc defaults'}{', lean' if args.lean else ''})\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, only_run
+from trainer import lean_memory
 from trainer.run_dir import read_metrics, read_status
 from trainer.train import run_training
 
@@ -53,6 +55,10 @@ def test_sigterm_saves_adapter_and_resume_continues(stopped_run: Path) -> None:
     assert 8 <= stopped_at < 5000
     assert PeftConfig.from_pretrained(stopped_run / "adapter").peft_type == "LORA"
     assert "SIGTERM" in (stopped_run / "train.log").read_text()
+    # the command re-executed itself on a lean allocator where one is installed, and still stopped on SIGTERM
+    lean = next(x for x in read_metrics(stopped_run / "metrics.jsonl") if x.get("event") == "lean_memory")
+    installed = next((name for name in lean_memory.ALLOCATORS if ctypes.util.find_library(name)), "system")
+    assert lean["allocator"] == installed
 
     # Resume from the newest complete checkpoint, with a shorter horizon so the test ends quickly.
     cfg = stopped_run / "config.yaml"

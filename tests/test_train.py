@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import only_run
+from trainer import lean_memory
 from trainer.estimate import estimate
 from trainer.presets import load_config
 from trainer.run_dir import read_metrics
@@ -125,6 +126,9 @@ def test_metrics_lines_follow_the_contract(make_config) -> None:
     assert precision["precision"] in ("bf16", "fp16", "fp32") and precision["reason"].startswith(
         precision["precision"]
     )
+    lean = next(x for x in lines if x.get("event") == "lean_memory")  # in-process: this test's own allocator
+    assert lean["allocator"] == (lean_memory.loaded_allocator() or "system")
+    assert lean["fused_head_tile_tokens"] in (lean_memory.HEAD_TILE_TOKENS, None)  # None: a TRL without the knob
     log = (run / "train.log").read_text()
     assert "completed" in log and "'loss'" in log and "training.precision auto -> " in log
     assert (run / "checkpoints" / "checkpoint-6" / "CHECKPOINT_COMPLETE").is_file()

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and argv is None:  # this process is the command (not a test calling main)
+        from trainer.lean_memory import use_lean_allocator
+
+        use_lean_allocator()  # once, before torch loads: re-executes on tcmalloc/jemalloc where installed
     if args.command == "ui":
         from app.server import LaunchError, read_auth, serve
 

@@ -310,6 +310,7 @@ def fit(s: Session, stage: Stage) -> WorkbenchSFTTrainer:
     from trainer.callbacks import AdaLoraAllocator, CheckpointMarker, NanGuard, TokenCounter
     from trainer.data import to_dataset
     from trainer.distributed import RankMetrics, signal_agreement
+    from trainer.lean_memory import lean_training
     from trainer.models import count_parameters, load_model
     from trainer.sft_trainer import WorkbenchSFTTrainer
 
@@ -324,6 +325,13 @@ def fit(s: Session, stage: Stage) -> WorkbenchSFTTrainer:
     model = load_model(s.cfg, path, plan)
     s.check_stop()
     args = to_sft_config(s.cfg, s.run, plan.trainer_flags, bool(data.eval))
+    lean = lean_training(plan.cuda)
+    tiles = lean["fused_head_tile_tokens"]
+    print(
+        f"memory: allocator {lean['allocator']}"
+        + (f", TRL's fused LM head in tiles of {tiles} tokens" if tiles else "")
+    )
+    s.run.event(0, "lean_memory", **lean)
     s.nan_guard = NanGuard()
     trainer = WorkbenchSFTTrainer(
         model=model,
