@@ -306,11 +306,10 @@ def _monitor_output(name: str, now: MonitorNow) -> Any:
         return idle if name == "progress" else gr.Markdown(visible=False)
     if name == "progress":
         return _progress_html(now.run_id, watch.status, now.queue_pos)
-    log = watch.view("log", now.keys["log"], lambda: log_view(watch.path, 40))
     if name == "log":
-        return log
+        return watch.view("log", now.keys["log"], lambda: log_view(watch.path, 40))
     if name == "error":
-        failure = explain_failure(watch.status, log)
+        failure = explain_failure(watch.status)
         return gr.Markdown(value=failure or "", visible=failure is not None)
     spec, _ = plots.MONITOR_CHARTS[name]
     return watch.view(name, now.keys[name], lambda: plots.plot_data(spec(watch.series)))

@@ -196,7 +196,7 @@ def _every_reader_survives(runs: Path) -> None:
     watch = RunWatch(fuzz)
     watch.poll()
     progress(watch.status).text()
-    explain_failure(watch.status, "log")
+    explain_failure(watch.status)
     loss_curves(fuzz)
     assert str(runs / "good" / "adapter") in [path for _, path in adapter_choices(manager.registry.all())]
     if "fuzz" not in rows:

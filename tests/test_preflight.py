@@ -42,7 +42,9 @@ def test_out_of_memory_leads_to_a_change_that_is_confirmed(make_config):
     def gpu_with_room_for_one_sequence(run_cfg, workdir) -> Trial:
         seen.append(run_cfg.training.per_device_batch_size)
         if run_cfg.training.per_device_batch_size > 1:
-            return Trial(None, False, error="out of memory: CUDA out of memory. Tried to allocate 2.00 GiB")
+            return Trial(
+                None, False, error="out of memory: CUDA out of memory. Tried to allocate 2.00 GiB", failure_kind="oom"
+            )
         return Trial(None, True, peak_gb=7.5, tokens_per_second=900.0, step_seconds=0.5)
 
     report = preflight(cfg, steps=2, runner=gpu_with_room_for_one_sequence)

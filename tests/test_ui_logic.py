@@ -411,20 +411,28 @@ def test_progress_elapsed_and_eta() -> None:
     assert unknown_total.eta_s is None and unknown_total.text() == "running: step 3 (0%), elapsed 30s"
 
 
-def test_explain_failure() -> None:
+def test_explain_failure_shows_the_structured_failure_never_parsing_text() -> None:
+    from trainer.failure import failure
+
     for state in ("running", "completed", "stopped", "queued"):
         assert explain_failure({"state": state, "error": "CUDA out of memory"}) is None
-    oom = explain_failure({"state": "failed", "error": "torch.OutOfMemoryError: CUDA out of memory. Tried..."})
-    assert oom is not None and oom.startswith("### Out of memory")
-    assert "QLoRA" in oom and "Gradient checkpointing" in oom and "max_length" in oom
-    assert "CUDA out of memory" in oom  # the error itself is shown
-    in_log = explain_failure({"state": "failed", "error": "exit code 1"}, log_tail="...\nCUDA out of memory\n")
-    assert in_log is not None and in_log.startswith("### Out of memory")
+    oom = failure("oom", "out of memory: CUDA out of memory. Tried...").to_status()
+    shown = explain_failure({"state": "failed", "error": oom["message"], "failure": oom})
+    assert shown is not None and shown.startswith("### Out of memory")
+    assert "QLoRA" in shown and "gradient_checkpointing" in shown and "max_length" in shown
+    assert "CUDA out of memory. Tried" in shown  # the message itself is shown
 
-    nan = explain_failure({"state": "failed", "error": "loss became nan at step 12"})
-    assert nan is not None and "NaN" in nan and "learning_rate" in nan
-    data = explain_failure({"state": "failed", "error": "bad data in data/x.jsonl:\n  - line 4: missing key"})
-    assert data is not None and "Bad input" in data and "line 4" in data and "Fix the rows" in data
+    nan = failure("nan", "loss became nan at step 12").to_status()
+    shown = explain_failure({"state": "failed", "failure": nan})
+    assert shown is not None and shown.startswith("### Loss became NaN") and "learning_rate" in shown
+    data = failure("data", "bad data in data/x.jsonl:\n  - line 4: missing key").to_status()
+    shown = explain_failure({"state": "failed", "failure": data})
+    assert shown is not None and shown.startswith("### Bad data") and "line 4" in shown and "Fix the rows" in shown
+    # the kind decides, not the words: an internal error that mentions memory is not an out-of-memory failure
+    internal = failure("internal", "ValueError: out of memory budget field").to_status()
+    assert explain_failure({"state": "failed", "failure": internal}).startswith("### The run failed")
+    legacy = explain_failure({"state": "failed", "error": "torch.OutOfMemoryError: CUDA out of memory"})
+    assert legacy.startswith("### The run failed") and "CUDA out of memory" in legacy  # no failure: error alone
     other = explain_failure({"state": "failed"})
     assert other is not None and "without an error message" in other and other.startswith("### The run failed")
 

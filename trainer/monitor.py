@@ -173,34 +173,26 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-OOM_ADVICE = (
-    "The run needed more memory than the device has. Ways to fit it, most effective first:\n"
-    "- **4-bit QLoRA**: recipe `qlora` (quantization 4bit, NF4, double quant) stores the base in ~0.5 byte/param.\n"
-    "- **Smaller batch, more accumulation**: halve `per_device_batch_size` and double "
-    "`gradient_accumulation_steps`; the effective batch stays the same.\n"
-    "- **Gradient checkpointing** on: activations are recomputed in the backward pass instead of stored.\n"
-    "- **Shorter `max_length`**: activation memory grows with sequence length.\n"
-    "- A paged optimizer (`paged_adamw_8bit`) absorbs short memory spikes."
-)
-NAN_ADVICE = (
-    "The loss or gradient norm became NaN/inf: training diverged. Lower `learning_rate` (2e-4 is a safe start "
-    "for adapters), keep `max_grad_norm` > 0, and prefer bf16 or fp32 over fp16."
-)
-DATA_ADVICE = "The data could not be used as given. Fix the rows named above (file and line), then start again."
+FAILURE_TITLES = {
+    "oom": "Out of memory",
+    "nan": "Loss became NaN",
+    "data": "Bad data",
+    "config": "Bad config",
+    "model": "The model could not be loaded",
+    "disk": "Disk full",
+    "check": "A check failed",
+    "killed": "The process was killed",
+    "internal": "The run failed",
+}
 
 
-def explain_failure(status: dict[str, Any], log_tail: str = "") -> str | None:
-    """Markdown for a failed run: the error, what it means, and what to change. None if it did not fail."""
+def explain_failure(status: dict[str, Any]) -> str | None:
+    """Markdown for a failed run from status.json's structured `failure` (kind, message, hint): what happened and
+    what to change. None if it did not fail. A run written before `failure` existed shows its error alone."""
     if status.get("state") != "failed":
         return None
-    error = str(status.get("error") or "the run failed without an error message")
-    low = (error + "\n" + log_tail[-4000:]).lower()
-    if "out of memory" in low or "outofmemoryerror" in low:
-        title, advice = "Out of memory", OOM_ADVICE
-    elif "became nan" in low or "became inf" in low or "diverged" in low:
-        title, advice = "Loss became NaN", NAN_ADVICE
-    elif error.startswith("bad data in") or "invalid config" in error:
-        title, advice = "Bad input", DATA_ADVICE if error.startswith("bad data") else "Fix the fields named above."
-    else:
-        title, advice = "The run failed", "The log below shows where; the last lines usually name the cause."
-    return f"### {title}\n\n```\n{error.strip()}\n```\n\n{advice}"
+    why = status.get("failure") or {}
+    error = str(why.get("message") or status.get("error") or "the run failed without an error message")
+    title = FAILURE_TITLES.get(why.get("kind"), "The run failed")
+    hint = why.get("hint") or "The log below shows where; the last lines usually name the cause."
+    return f"### {title}\n\n```\n{error.strip()}\n```\n\n{hint}"

@@ -45,7 +45,7 @@ class Trial:
 
     @property
     def out_of_memory(self) -> bool:
-        return not self.ok and (self.failure_kind == "oom" or "out of memory" in (self.error or ""))
+        return not self.ok and self.failure_kind == "oom"
 
 
 @dataclass

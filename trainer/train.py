@@ -458,15 +458,13 @@ def finish(s: Session, state: str, code: int, error: str | None = None, why: Fai
     s.run.event(s.run.status.get("step") or 0, "end", state=state, error=error)
     s.run.close()
     print(f"run {s.run.run_id}: {state}" + (f": {error}" if error else "") + f" ({s.run.path})")
+    if why is not None:
+        print(f"hint: {why.hint}")
     return code
 
 
 def oom_message(err: BaseException) -> str:
-    return (
-        f"out of memory: {str(err).splitlines()[0]}. Fit the run by: 4-bit QLoRA (recipe qlora), a smaller "
-        "per_device_batch_size with more gradient_accumulation_steps, gradient_checkpointing on, or a shorter "
-        "data.max_length."
-    )
+    return f"out of memory: {str(err).splitlines()[0]}"  # the failure's hint says how to fit the run
 
 
 def execute(s: Session) -> int:
