@@ -126,19 +126,34 @@ def test_a_gguf_of_the_base_alone_fails_the_logit_check(reference, converter, re
 
 
 def test_the_logit_tolerances_tell_a_dropped_or_mis_scaled_adapter_from_the_right_one(reference) -> None:
-    """The check's logit gate (compare with GGUF_TOLERANCE) against base + adapter: the adapter dropped fails at every
-    GGUF type's tolerance; the adapter at twice its scale fails down to q6_k. At q5_k_m and q4_k_m the built-in
-    model's rounding noise reaches a mis-scaled adapter's distance (benchmarks/gguf_tolerance.py, the module comment
-    of trainer/gguf_export.py), so there only the dropped one is caught. The dropped case as a GGUF: the test above."""
+    """The check's logit gate (compare with GGUF_TOLERANCE) against base + adapter: the adapter dropped or at twice
+    its scale fails at f16, bf16 and q8_0. A k-quant's merge is checked on the f16 GGUF it is quantized from
+    (check_source, at f16's tolerance), since at 4-6 bits the built-in model's rounding noise reaches a broken
+    merge's distance (benchmarks/gguf_tolerance.py, the module comment of trainer/gguf_export.py)."""
     from trainer.export_fidelity import compare
-    from trainer.gguf_export import GGUF_TOLERANCE
+    from trainer.gguf_export import CONVERTER_QUANTS, GGUF_TOLERANCE
 
-    for quant in GGUF_TOLERANCE:
-        f = compare(reference["logits"], reference["dropped"], quant, GGUF_TOLERANCE)
-        assert not f["passed"], (quant, f)
-    for quant in ("f16", "bf16", "q8_0", "q6_k"):
-        f = compare(reference["logits"], reference["scaled x2"], quant, GGUF_TOLERANCE)
-        assert not f["passed"], (quant, f)
+    for quant in CONVERTER_QUANTS:
+        for broken in ("dropped", "scaled x2"):
+            f = compare(reference["logits"], reference[broken], quant, GGUF_TOLERANCE)
+            assert not f["passed"], (quant, broken, f)
+    assert compare(reference["logits"], reference["logits"], "f16", GGUF_TOLERANCE)["passed"]
+
+
+def test_a_k_quant_whose_f16_source_is_off_fails_naming_the_merge() -> None:
+    from trainer.gguf_export import failures
+
+    ok = {"passed": True, "tolerance_rule": "0.3 x max |reference logit| (37.9), q4_k_m"}
+    checks = {
+        "logits": ok,  # the k-quant itself within its (loose) tolerance
+        "source_logits": {"passed": False, "max_abs_logit_diff": 16.4, "tolerance": 0.379, "tolerance_rule": "f16"},
+        "tokenizer": {"passed": True},
+        "chat_template": {"passed": True, "embedded": True},
+        "eos": {"gguf_eos_token_id": 2, "model_eos_token_ids": [2], "passed": True},
+    }
+    [line] = failures(checks)
+    assert "f16 GGUF the k-quant was quantized from" in line and "16.4" in line and "not the quantization" in line
+    assert failures(checks | {"source_logits": ok}) == []
 
 
 def test_q4_k_m_export_quantizes_with_llama_cpp_and_passes_the_check(
@@ -151,6 +166,8 @@ def test_q4_k_m_export_quantizes_with_llama_cpp_and_passes_the_check(
         ExportRequest(adapter=gguf_run / "adapter", out=out, format="gguf", quant="q4_k_m", status_dir=status)
     )
     assert report["failures"] == [] and report["logits"]["tolerance_rule"].endswith("q4_k_m"), report["logits"]
+    source = report["source_logits"]  # the merge, checked on the f16 GGUF it was quantized from (then deleted)
+    assert source["passed"] and source["tolerance_rule"].endswith("f16"), source
     assert report["eos"]["passed"] and report["eos"]["reply"].startswith("Ahoy"), report["eos"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [MARKER, "Modelfile", "export_report.json", "q4.q4_k_m.gguf"]

@@ -29,15 +29,18 @@ from trainer.llama_cpp import BUILD_HINT, convert, ensure_converter, find_quanti
 CONVERTER_QUANTS = ("f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # need llama.cpp's compiled llama-quantize
 # Allowed max |logit diff| as a fraction of max |reference logit| (fp32 base + adapter, unmerged), per GGUF type.
-# benchmarks/gguf_tolerance.py on builtin:smollm2-135m + a 12-step LoRA (CPU, 2 cores, 2026-12-02; llama-quantize
-# from `lora-workbench build-llama-cpp`), rounding noise -> chosen tolerance; a broken export (adapter x2 / dropped):
-#   f16 1.1e-3 -> 1e-2; bf16 1.3e-2 -> 5e-2; q8_0 4.6e-2 -> 1.2e-1; broken >= 2.7e-1 / 5.0e-1 for all three.
-#   q6_k 7.5e-2 -> 1.5e-1 (x2 2.5e-1, dropped 5.1e-1); q5_k_m 2.6e-1 -> 4e-1 (4.3e-1, 5.1e-1);
-#   q4_k_m 1.8e-1 -> 3e-1 (2.8e-1, 5.6e-1).
-# So at 4-5 bits the gate catches a dropped adapter but not reliably a mis-scaled one (export f16 or q8_0 to check
-# that: the merge is the same). q5_k_m is noisier than q4_k_m on this model only: its weights are a Q4_1 file's,
-# dequantized, and its 576-wide rows fall back from k-quants to Q5_1 (q5_k_m) or Q5_0 (q4_k_m), off that grid.
-GGUF_TOLERANCE = {"f16": 1e-2, "bf16": 5e-2, "q8_0": 1.2e-1, "q6_k": 1.5e-1, "q5_k_m": 4e-1, "q4_k_m": 3e-1}
+# benchmarks/gguf_tolerance.py on builtin:smollm2-135m (CPU, 2 cores, 2026-12-02; llama-quantize from
+# `lora-workbench build-llama-cpp`), rounding noise on two adapters (a 12-step LoRA; the default run's, 40 steps)
+# -> chosen tolerance; a broken export (adapter x2 / dropped), lowest of the two:
+#   f16 1.2e-3 -> 1e-2; bf16 1.3e-2 -> 5e-2; q8_0 4.6e-2 -> 1.2e-1; broken >= 2.7e-1 / 5.0e-1 for all three.
+#   q6_k 7.5e-2 -> 1.5e-1 (x2 2.5e-1, dropped 5.1e-1); q5_k_m 2.6e-1 / 4.6e-1 -> 6e-1 (4.3e-1, 5.1e-1);
+#   q4_k_m 1.8e-1 / 2.2e-1 -> 3e-1 (2.8e-1, 5.6e-1).
+# At 4-6 bits the noise reaches a broken merge's distance, so a k-quant is checked twice: the f16 GGUF it is
+# quantized from against base + adapter at f16's tolerance (check_source: the merge and conversion, exactly), and
+# the k-quant itself at its own tolerance (the quantization). q5_k_m is noisier than q4_k_m on this model only:
+# its weights are a Q4_1 file's, dequantized, and its 576-wide rows fall back from k-quants to Q5_1 (q5_k_m) or
+# Q5_0 (q4_k_m), off that grid.
+GGUF_TOLERANCE = {"f16": 1e-2, "bf16": 5e-2, "q8_0": 1.2e-1, "q6_k": 1.5e-1, "q5_k_m": 6e-1, "q4_k_m": 3e-1}
 ROUND_TRIP = ["Hello, world!", "  two spaces,\ta tab and\nnew lines\n", "Ünïcödé — 東京 🚀 naïve café"]
 EOS_PROMPT = "Name the capital of France."
 MAX_REPLY = 96  # tokens: a one-sentence answer ends long before
@@ -145,6 +148,16 @@ def check_gguf(path: Path, tokenizer: Any, reference: list[Any], quant: str, eos
     return checks | {"failures": failures(checks)}
 
 
+def check_source(f16: Path, tokenizer: Any, reference: list[Any]) -> dict[str, Any]:
+    """A k-quant's f16 source GGUF against base + adapter at f16's tolerance: at 4-6 bits the rounding noise of a
+    small model can reach a mis-scaled adapter's distance, so the merge is checked where it is still exact."""
+    model, _ = load_gguf(f16)
+    logits = compare(reference, forward_logits(model, prompt_inputs(tokenizer)), "f16", GGUF_TOLERANCE)
+    del model
+    gc.collect()
+    return logits
+
+
 def failures(checks: dict[str, Any]) -> list[str]:
     """One line per failed check, saying what was found and what was expected."""
     out = []
@@ -152,6 +165,12 @@ def failures(checks: dict[str, Any]) -> list[str]:
         out.append(
             f"logits: the GGUF differs from base + adapter by up to {f['max_abs_logit_diff']:.4g} "
             f"(tolerance {f['tolerance']:.4g} = {f['tolerance_rule']}); greedy agreement {f['greedy_agreement']:.1%}"
+        )
+    if (src := checks.get("source_logits")) is not None and not src["passed"]:
+        out.append(
+            f"logits: the f16 GGUF the k-quant was quantized from differs from base + adapter by up to "
+            f"{src['max_abs_logit_diff']:.4g} (tolerance {src['tolerance']:.4g} = {src['tolerance_rule']}): the merge "
+            "or the conversion is wrong, not the quantization"
         )
     if not (t := checks["tokenizer"])["passed"]:
         out.append(f"tokenizer: the GGUF's tokenizer does not round-trip {len(t['mismatched'])} of {t['texts']} texts")
@@ -221,9 +240,13 @@ def export_gguf(req: Any, progress: Any) -> dict[str, Any]:
         tokenizer.save_pretrained(tmp / "merged")
         del model, merged
         gc.collect()
-        gguf = write_gguf(req, source, tmp, progress)
+        gguf, f16 = write_gguf(req, source, tmp, progress)
         progress.phase("check", f"checking {gguf.name}: logits, tokenizer, chat template, EOS")
         checks = check_gguf(gguf, tokenizer, reference, req.quant, eos_ids)
+        if f16 is not None:  # a k-quant: its f16 source holds the merge exactly
+            checks["source_logits"] = check_source(f16, tokenizer, reference)
+            checks["failures"] = failures(checks)
+            f16.unlink()
         progress.close()
         report = gguf_report(req, source, gguf, checks, progress.seconds)
         print_checks(checks)
@@ -240,8 +263,9 @@ def export_gguf(req: Any, progress: Any) -> dict[str, Any]:
     return report
 
 
-def write_gguf(req: Any, source: Any, tmp: Path, progress: Any) -> Path:
-    """Convert tmp/merged (and quantize it for a k-quant); the merged checkpoint is deleted after."""
+def write_gguf(req: Any, source: Any, tmp: Path, progress: Any) -> tuple[Path, Path | None]:
+    """Convert tmp/merged (and quantize it for a k-quant); the merged checkpoint is deleted after. Returns the GGUF
+    and, for a k-quant, the f16 GGUF it was quantized from (for check_source; the caller deletes it)."""
     out, cache = req.out.expanduser().resolve(), gguf_cache(source)
     gguf = tmp / gguf_name(out, req.quant)
     outtype = req.quant if req.quant in CONVERTER_QUANTS else "f16"
@@ -249,11 +273,11 @@ def write_gguf(req: Any, source: Any, tmp: Path, progress: Any) -> Path:
     converted = gguf if outtype == req.quant else tmp / gguf_name(out, "f16")
     convert(ensure_converter(cache, log), tmp / "merged", converted, outtype, log)
     shutil.rmtree(tmp / "merged")
-    if converted != gguf:
-        progress.phase("quantize", f"quantizing to {req.quant} with llama-quantize")
-        quantize(converted, gguf, req.quant, cache, log)
-        converted.unlink()
-    return gguf
+    if converted == gguf:
+        return gguf, None
+    progress.phase("quantize", f"quantizing to {req.quant} with llama-quantize")
+    quantize(converted, gguf, req.quant, cache, log)
+    return gguf, converted
 
 
 def log(msg: str) -> None:
@@ -290,6 +314,12 @@ def write_gguf_files(tmp: Path, source: Any, report: dict[str, Any]) -> None:
 def print_checks(checks: dict[str, Any]) -> None:
     f, e = checks["logits"], checks["eos"]
     verdict = "FAILED" if checks["failures"] else "passed"
+    if (src := checks.get("source_logits")) is not None:
+        print(
+            f"[export] the f16 GGUF it was quantized from: max |logit diff| {src['max_abs_logit_diff']:.4g} "
+            f"(tolerance {src['tolerance']:.4g})",
+            flush=True,
+        )
     print(
         f"[export] GGUF check {verdict}: max |logit diff| {f['max_abs_logit_diff']:.4g} (tolerance "
         f"{f['tolerance']:.4g}), greedy agreement {f['greedy_agreement']:.1%}; tokenizer round-trip "
