@@ -94,7 +94,8 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 def test_fused_head_scores_a_cpu_batch_in_small_tiles_with_the_same_results(monkeypatch: pytest.MonkeyPatch):
     import trl.kernels.chunked_logprob as kernel
 
-    monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", kernel.TOKEN_CHUNK_SIZE)  # restored after the test
+    # TRL's own default (4096), restored after the test: a training run earlier in this process capped it already
+    monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", 4096)
     g = torch.Generator().manual_seed(0)
     tokens, width, vocab = 4 * lean_memory.HEAD_TILE_TOKENS, 32, 2048
     hidden, weight = torch.randn(tokens, width, generator=g), torch.randn(vocab, width, generator=g) / 4
