@@ -253,3 +253,12 @@ def test_the_page_queues_a_gguf_export_and_refuses_an_unbuilt_k_quant(
     assert job_id is not None, msg
     args = json.loads(Path(ctx.manager.registry.get(job_id).config_path).read_text())["args"]
     assert args[-4:] == ["--format", "gguf", "--quant", "q8_0"]
+
+
+def test_a_wrong_llama_quantize_path_is_refused_before_any_model_loads(monkeypatch, tmp_path: Path) -> None:
+    from trainer.gguf_export import gguf_problems
+
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(tmp_path / "nonexistent"))
+    [problem] = gguf_problems("q4_k_m", None, tmp_path)
+    assert "$LLAMA_QUANTIZE=" in problem and "nonexistent" in problem and "not an executable file" in problem
+    assert gguf_problems("q8_0", None, tmp_path) == []  # the converter's types need no quantizer

@@ -52,6 +52,8 @@ def gguf_problems(quant: str, push_to_hub: str | None, cache: Path | None = None
     problems = []
     if quant not in CONVERTER_QUANTS + K_QUANTS:
         problems.append(f"--quant: {quant!r} is not one of {', '.join(CONVERTER_QUANTS + K_QUANTS)}")
+    elif quant in K_QUANTS and (chosen := os.environ.get("LLAMA_QUANTIZE")) and find_quantizer(Path()) is None:
+        problems.append(f"--quant {quant}: $LLAMA_QUANTIZE={chosen} is not an executable file (unset it or fix it)")
     elif quant in K_QUANTS and find_quantizer(cache or cache_root("runs")) is None:
         problems.append(
             f"--quant {quant}: needs llama.cpp's compiled llama-quantize: {BUILD_HINT}; "

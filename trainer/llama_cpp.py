@@ -121,7 +121,9 @@ def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, log: 
 def find_quantizer(cache: Path) -> str | None:
     """The compiled llama-quantize: $LLAMA_QUANTIZE, else on PATH, else the one built into the cache."""
     built = cache / BUILD / "bin" / "llama-quantize"
-    found = os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    if chosen := os.environ.get("LLAMA_QUANTIZE"):  # the user's choice, or nothing: never another one silently
+        return chosen if os.path.isfile(chosen) and os.access(chosen, os.X_OK) else None
+    found = shutil.which("llama-quantize")
     return found or (str(built) if built.is_file() else None)
 
 
