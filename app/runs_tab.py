@@ -182,6 +182,8 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
                 "queue; saved in the run as eval_results.json."
             )
             evaluate = gr.Button("Evaluate base vs adapter", elem_id="evaluate-btn")
+            # its own note: the run's zip note lands on #runs-note when a run is opened and must not replace it
+            eval_note = gr.Markdown(elem_id="eval-note")
             eval_progress = gr.Markdown(elem_id="eval-progress")
             eval_table = gr.Dataframe(headers=EVAL_HEADERS, interactive=False, elem_id="eval-table")
             eval_plot = gr.Plot(elem_id="eval-plot", show_label=False)
@@ -224,7 +226,7 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         outputs=eval_outputs,
         **BACKGROUND,
     )
-    evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=note)
+    evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=eval_note)
 
     def make_zip(run_id: str | None):
         path = ctx.run_path(run_id) if run_id else None

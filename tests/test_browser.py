@@ -85,13 +85,29 @@ def run_state(page, run_id: str) -> tuple[str | None, int]:
     return el.get_attribute("data-state"), int(el.get_attribute("data-step") or 0)
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 120, what: str = "") -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float = 120, what: str = "", why: Callable[[], str] | None = None
+) -> None:
+    """Poll check() until it holds; a timeout is a limit, not a measured time, and says what was seen (why())."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if check():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what} after {timeout:.0f} s" + (f"\n{why()}" if why else ""))
+
+
+def seen(page, server: Server, run_id: str) -> Callable[[], str]:
+    """What a timeout reports about a run: the monitor's attributes, the run's status.json, the server log's tail."""
+
+    def report() -> str:
+        el = page.locator(".lwb-progress")
+        shown = {k: el.first.get_attribute(k) for k in ("data-run", "data-state", "data-step")} if el.count() else {}
+        status = server.runs_dir / run_id / "status.json"
+        log = server.log.read_text(errors="replace")[-2000:] if server.log.is_file() else ""
+        return f"monitor: {shown}\nstatus.json: {status.read_text() if status.is_file() else 'missing'}\n{log}"
+
+    return report
 
 
 def start_from_page(page, **numbers: float) -> str:
@@ -131,7 +147,7 @@ def test_train_from_page_streams_loss_and_completes(page, server: Server) -> Non
                 screenshot(page, "train-tab.png")
         return state == "completed"
 
-    wait_until(done, 180, "the run to complete")
+    wait_until(done, 300, "the run to complete", seen(page, server, run_id))
     assert len(counts_while_running - {0}) >= 2, f"loss chart did not grow while running: {counts_while_running}"
     wait_until(lambda: page.evaluate(LOSS_POINTS_JS) >= 40, 30, "all 40 loss points (200 steps / 5)")
     assert (server.runs_dir / run_id / "adapter" / "adapter_config.json").is_file()
@@ -143,11 +159,12 @@ def test_stop_from_page_saves_adapter(page, server: Server) -> None:
     run_id = start_from_page(page, training__max_steps=100000, training__logging_steps=5)
     wait_until(
         lambda: run_state(page, run_id)[0] == "running" and run_state(page, run_id)[1] > 5,
-        120,
+        300,
         "the run to make steps",
+        seen(page, server, run_id),
     )
     page.click("#stop-btn")
-    wait_until(lambda: run_state(page, run_id)[0] == "stopped", 90, "the run to stop")
+    wait_until(lambda: run_state(page, run_id)[0] == "stopped", 120, "the run to stop", seen(page, server, run_id))
     run = server.runs_dir / run_id
     assert (run / "adapter" / "adapter_config.json").is_file()
     status = json.loads((run / "status.json").read_text())
@@ -173,9 +190,9 @@ def test_malformed_upload_names_the_line(page, server: Server, tmp_path: Path) -
 def test_runs_tab_overlays_two_runs(page, server: Server) -> None:
     open_app(page, server)
     first = start_from_page(page, training__max_steps=30, training__logging_steps=2)
-    wait_until(lambda: run_state(page, first)[0] == "completed", 120, "first run")
+    wait_until(lambda: run_state(page, first)[0] == "completed", 300, "first run", seen(page, server, first))
     second = start_from_page(page, training__max_steps=30, adapter__r=4)
-    wait_until(lambda: run_state(page, second)[0] == "completed", 120, "second run")
+    wait_until(lambda: run_state(page, second)[0] == "completed", 300, "second run", seen(page, server, second))
     page.get_by_role("tab", name="Runs", exact=True).click()
     page.wait_for_function(f"() => document.querySelector('#runs-table')?.innerText.includes('{second}')")
     for run_id in (first, second):
@@ -188,7 +205,7 @@ def test_runs_tab_overlays_two_runs(page, server: Server) -> None:
 def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> None:
     open_app(page, server)
     run_id = start_from_page(page, training__max_steps=100000, training__logging_steps=5)
-    wait_until(lambda: run_state(page, run_id)[1] > 20, 120, "the run to make steps")
+    wait_until(lambda: run_state(page, run_id)[1] > 20, 300, "the run to make steps", seen(page, server, run_id))
     page.get_by_role("tab", name="Runs", exact=True).click()
     page.wait_for_function(f"() => document.querySelector('#runs-table')?.innerText.includes('{run_id}')")
     finished = sorted(p.name for p in server.runs_dir.iterdir() if (p / "adapter" / "adapter_config.json").is_file())
@@ -213,7 +230,7 @@ def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> Non
         assert page.request.get(route + str(private)).status == 403, private
     page.get_by_role("tab", name="Train", exact=True).click()
     page.click("#stop-btn")
-    wait_until(lambda: run_state(page, run_id)[0] == "stopped", 90, "the run to stop")
+    wait_until(lambda: run_state(page, run_id)[0] == "stopped", 120, "the run to stop", seen(page, server, run_id))
 
 
 def test_ten_sessions_watch_one_run(browser, page, server: Server) -> None:
@@ -245,7 +262,10 @@ def test_reload_and_server_restart_keep_the_running_job(page, tmp_path: Path) ->
     try:
         open_app(page, srv)
         run_id = start_from_page(page, training__max_steps=100000, training__logging_steps=5)
-        wait_until(lambda: run_state(page, run_id)[0] == "running" and run_state(page, run_id)[1] > 0, 120, "running")
+        running = seen(page, srv, run_id)
+        wait_until(
+            lambda: run_state(page, run_id)[0] == "running" and run_state(page, run_id)[1] > 0, 300, "running", running
+        )
 
         page.reload()  # the page finds the running job by itself
         page.wait_for_selector("#start-btn")
@@ -312,7 +332,9 @@ def test_train_then_chat_in_compare_mode_then_export(page, tmp_path: Path) -> No
 def train_chat_export(page, server: Server) -> None:
     open_app(page, server)
     run_id = start_from_page(page, training__max_steps=80, training__logging_steps=10)
-    wait_until(lambda: run_state(page, run_id)[0] == "completed", 180, "the run to complete")
+    wait_until(
+        lambda: run_state(page, run_id)[0] == "completed", 300, "the run to complete", seen(page, server, run_id)
+    )
 
     load_in_chat(page, run_id)
     assert page.locator("#chat-right-target input").input_value() == run_id

@@ -85,7 +85,7 @@ def evaluate_in_runs_tab(page, run_id: str) -> None:
     pick_option(page, "#open-run", run_id)
     page.get_by_role("tab", name="Evaluate", exact=True).click()
     page.click("#evaluate-btn")
-    page.wait_for_function("() => document.querySelector('#runs-note')?.innerText.startsWith('Queued evaluation')")
+    page.wait_for_function("() => document.querySelector('#eval-note')?.innerText.startsWith('Queued evaluation')")
     page.wait_for_function(
         "() => document.querySelector('#eval-table')?.innerText.includes('adapter')", timeout=600_000
     )

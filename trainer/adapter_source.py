@@ -65,6 +65,7 @@ def read_adapter(adapter_dir: str | Path, base_override: str | None = None) -> A
     if not (path / ADAPTER_WEIGHTS).is_file():
         found = ", ".join(sorted(p.name for p in path.glob("adapter_model.*"))) or "no weights"
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: missing ({found}); adapters load from safetensors only")
+    check_weights_file(path / ADAPTER_WEIGHTS)
     try:
         peft_config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -77,6 +78,22 @@ def read_adapter(adapter_dir: str | Path, base_override: str | None = None) -> A
     if not base:
         raise AdapterError(f"{path}: the adapter does not name its base model; choose the base explicitly")
     return AdapterSource(path.resolve(), cfg, peft_config, str(base))
+
+
+def check_weights_file(weights: Path) -> None:
+    """The safetensors header parses and its tensors' offsets fit the file (safetensors checks that on open):
+    a truncated or corrupt file is named here, before a model loads, instead of failing the load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        size = weights.stat().st_size
+        raise AdapterError(
+            f"{weights}: not a readable safetensors file ({size:,} bytes; {e}); it is truncated or corrupt "
+            "(copied only in part, or the disk filled while it was saved); save or copy the adapter again"
+        ) from None
 
 
 def adapter_shapes(source: AdapterSource) -> dict[str, list[int]]:

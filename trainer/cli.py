@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--quant",
-        default="q8_0",
-        help="GGUF type: f16, bf16, q8_0; q4_k_m, q5_k_m, q6_k where llama-quantize is built (default q8_0)",
+        help="GGUF type (--format gguf only): f16, bf16, q8_0; q4_k_m, q5_k_m, q6_k where llama-quantize is built; "
+        "case does not matter (default q8_0)",
     )
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export passed")
     ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export (token: HF_TOKEN or `hf auth login`)")

@@ -22,9 +22,13 @@ import argparse
 import gc
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,8 +47,16 @@ from trainer.export_fidelity import (  # PROMPTS, compare: benchmarks/export_fid
     prompt_inputs,
     saved_logits,
 )
-from trainer.export_target import give_plain_modes, outside_root, replace_problem, write_marker
+from trainer.export_target import (
+    give_plain_modes,
+    outside_root,
+    partial_dir,
+    replace_problem,
+    unwritable,
+    write_marker,
+)
 from trainer.job_status import JobStatus
+from trainer.llama_cpp import LlamaCppError
 from trainer.run_dir import write_json_atomic
 
 SaveDtype = Literal["bf16", "fp16", "fp32"]
@@ -100,7 +112,7 @@ def out_dir_problems(out: Path, source: AdapterSource, overwrite: bool, root: Pa
             return [f"--out {out}: is the {what} directory {path} or inside it; choose a directory outside it"]
         if out in path.parents:
             return [f"--out {out}: contains the {what} ({path}); choose a directory that does not"]
-    if problem := replace_problem(out, page=root is not None):
+    if problem := replace_problem(out, page=root is not None) or unwritable(out):
         return [problem]
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         how = "tick Replace" if root is not None else "pass --overwrite"  # the page's checkbox, or the CLI's flag
@@ -325,6 +337,9 @@ def run_export(req: ExportRequest) -> dict[str, Any]:
     progress.status.start()
     try:
         report = work(req, progress)
+    except ExportStopped as e:
+        progress.status.stopped(str(e), 128 + signal.SIGTERM)
+        raise
     except Exception as e:
         expected = isinstance(e, (AdapterError, ConfigError, ExportError))
         progress.copy_report(getattr(e, "report", None))
@@ -389,9 +404,8 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
         refs["trained"] = trained
     merged = merge_adapter(model, source, req, cuda)
     del model
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")  # same filesystem as out: the final rename is atomic
-    shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir(out)
     try:
         progress.phase("save", f"saving safetensors (shards up to {req.max_shard_size}) and tokenizer")
         shards = save_model(merged, tokenizer, tmp, parse_shard_size(req.max_shard_size))
@@ -442,8 +456,45 @@ def _export(req: ExportRequest, progress: Progress) -> dict[str, Any]:
     return report
 
 
+class ExportStopped(BaseException):
+    """SIGTERM (the page's Stop, `kill`) during an export. A BaseException, like Ctrl-C's KeyboardInterrupt, so no
+    library's `except Exception` swallows it: it unwinds through the export's `finally`, which removes the temp dir,
+    and through subprocess.run, which kills a running converter or quantizer."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises ExportStopped while inside (the main thread only: Python delivers signals there)."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+        raise ExportStopped(f"received {signal.Signals(signum).name}: export stopped; its temp files were removed")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cli_quant(args: argparse.Namespace) -> str:
+    """--quant as llama.cpp spells it in lower case (Q4_K_M and q4_k_m alike); refused for --format safetensors."""
+    if args.quant is not None and args.format != "gguf":
+        raise ExportError(f"cannot export:\n  - --quant {args.quant}: only for --format gguf (this is {args.format})")
+    return (args.quant or "q8_0").lower()
+
+
 def export_command(args: argparse.Namespace) -> int:
-    """CLI entry: 0 exported and checked, 1 failed (a message on stderr, no traceback for expected failures)."""
+    """CLI entry: 0 exported and checked, 1 failed (a message on stderr, no traceback for expected failures),
+    143 stopped by SIGTERM (nothing half-written is left)."""
+    try:
+        quant = cli_quant(args)
+    except ExportError as e:
+        print(f"lora-workbench export: {e}", file=sys.stderr)
+        return 1
     req = ExportRequest(
         adapter=Path(args.adapter),
         out=Path(args.out),
@@ -455,13 +506,17 @@ def export_command(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub,
         status_dir=Path(args.status_dir) if args.status_dir else None,
         format=args.format,
-        quant=args.quant,
+        quant=quant,
     )
     try:
-        report = run_export(req)
-    except (AdapterError, ConfigError, ExportError) as e:
+        with stop_on_sigterm():
+            report = run_export(req)
+    except (AdapterError, ConfigError, ExportError, LlamaCppError) as e:
         print(f"lora-workbench export: {e}", file=sys.stderr)
         return 1
+    except ExportStopped as e:
+        print(f"lora-workbench export: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception:  # unexpected: status.json has the message, the log keeps the traceback
         traceback.print_exc()
         return 1

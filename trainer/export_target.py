@@ -8,7 +8,11 @@ and holds nothing else the user added; a run dir, the uploads, the registry or a
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +91,41 @@ def outside_root(out: Path, root: Path) -> str | None:
         f"--out {out}: outside the directories the page may export to; choose a directory inside {root} "
         "(blank: a new one there named after the run)"
     )
+
+
+def partial_dir(out: Path) -> Path:
+    """This process's temp dir beside out (same filesystem: the final rename is atomic), fresh; the ones left by
+    exports to out whose process is gone (SIGKILL, a crash, a power cut) are removed first."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def unwritable(out: Path) -> str | None:
+    """Why out cannot be created and written (a file on its path, a read-only or foreign directory), found before
+    any model loads by writing a probe file where out would be made."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out {out}: {parent} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".lora-workbench-probe-"):
+            pass
+    except OSError as e:
+        return f"--out {out}: cannot write in {parent} ({e.strerror or e}); choose a directory you can write to"
+    return None

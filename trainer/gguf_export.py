@@ -23,7 +23,7 @@ from typing import Any
 
 from trainer.builtin_models import cache_root
 from trainer.export_fidelity import compare, forward_logits, prompt_inputs
-from trainer.export_target import give_plain_modes, write_marker
+from trainer.export_target import give_plain_modes, partial_dir, write_marker
 from trainer.llama_cpp import BUILD_HINT, convert, ensure_converter, find_quantizer, quantize
 
 CONVERTER_QUANTS = ("f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
@@ -62,6 +62,20 @@ def gguf_problems(quant: str, push_to_hub: str | None, cache: Path | None = None
     if push_to_hub:
         problems.append("--push-to-hub: not done for --format gguf yet; upload the directory with `hf upload`")
     return problems
+
+
+def base_problems(source: Any) -> list[str]:
+    """Bases llama.cpp's converter is known to refuse, named before minutes of loading and merging."""
+    from trainer.tiny_model import TINY_MODEL_ID
+
+    tiny = source.cfg is not None and source.cfg.model.name_or_path == TINY_MODEL_ID
+    if tiny or Path(source.base).resolve() == (gguf_cache(source) / "tiny-model").resolve():
+        return [
+            f"--format gguf: the adapter's base is {TINY_MODEL_ID}, whose test-only BPE tokenizer llama.cpp's "
+            "converter does not know (no pre-tokenizer for it), so no GGUF can be made of it; --format "
+            "safetensors works, or train on a model llama.cpp supports (builtin:smollm2-135m, Llama, Qwen, Mistral)"
+        ]
+    return []
 
 
 def gguf_cache(source: Any) -> Path:
@@ -223,7 +237,8 @@ def export_gguf(req: Any, progress: Any) -> dict[str, Any]:
     from trainer.export import ExportError, load_tokenizer_for, load_unmerged, merge_adapter, validate_request
 
     source = validate_request(req)
-    if problems := gguf_problems(req.quant, None, gguf_cache(source)):  # the run's own cache, before any load
+    problems = gguf_problems(req.quant, None, gguf_cache(source)) + base_problems(source)  # the run's own cache
+    if problems:  # before any load
         raise ExportError("cannot export:\n" + "\n".join(f"  - {p}" for p in problems))
     req = replace(req, dtype="fp32")  # merged and saved in fp32: the converter rounds once, to the quant
     out, cuda = req.out.expanduser().resolve(), torch.cuda.is_available()
@@ -234,9 +249,8 @@ def export_gguf(req: Any, progress: Any) -> dict[str, Any]:
     reference = forward_logits(model, prompt_inputs(tokenizer))
     merged = merge_adapter(model, source, req, cuda)
     eos_ids = model_eos(merged, tokenizer)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")  # same filesystem as out: the final rename is atomic
-    shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir(out)
     try:
         merged.save_pretrained(tmp / "merged")
         tokenizer.save_pretrained(tmp / "merged")

@@ -41,6 +41,10 @@ class JobStatus:
         why = classify(exc, error) if exc is not None else failure(kind or "internal", error)  # type: ignore[arg-type]
         self._write(state="failed", error=error, failure=why.to_status(), exit_code=exit_code, ended_at=time.time())
 
+    def stopped(self, message: str, exit_code: int) -> None:
+        """Stopped by a signal before it finished (the queue writes the same state for a job that could not)."""
+        self._write(state="stopped", error=message, exit_code=exit_code, ended_at=time.time())
+
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """A small JSON file another process wrote atomically, or None when it is not there (yet)."""

@@ -115,7 +115,25 @@ def convert(converter: Path, model_dir: Path, outfile: Path, outtype: str, log: 
     """llama.cpp's convert_hf_to_gguf.py on a saved transformers checkpoint."""
     env = os.environ | {"PYTHONPATH": str(converter)}  # its `conversion` package; gguf-py it puts on sys.path itself
     cmd = [sys.executable, str(converter / CONVERTER), str(model_dir), "--outfile", str(outfile)]
-    run_tool([*cmd, "--outtype", outtype], f"llama.cpp's {CONVERTER} --outtype {outtype}", log, env)
+    try:
+        run_tool([*cmd, "--outtype", outtype], f"llama.cpp's {CONVERTER} --outtype {outtype}", log, env)
+    except LlamaCppError as e:
+        raise LlamaCppError(f"{unsupported(str(e))}{e}") from None
+
+
+def unsupported(output: str) -> str:
+    """The converter's two refusals of a model it does not know, said first in words (its output follows)."""
+    if "pre-tokenizer was not recognized" in output:
+        return (
+            f"llama.cpp {VERSION}'s converter does not know this model's tokenizer (its BPE pre-tokenizer): no GGUF "
+            "can be made of it; --format safetensors works.\n"
+        )
+    if "is not supported" in output and "Model " in output:
+        return (
+            f"llama.cpp {VERSION}'s converter does not support this model's architecture; --format safetensors "
+            "works.\n"
+        )
+    return ""
 
 
 def find_quantizer(cache: Path) -> str | None:
