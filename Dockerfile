@@ -17,7 +17,7 @@
 # a stage of its own so cmake and the compiler stay out of the image.
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
-# llama.cpp from the C++ source vendored in the llama-cpp-python sdist (trainer/llama_cpp_build.py: CPU only,
+# llama.cpp from the C++ source vendored in the llama-cpp-python sdist (trainer/export/llama_cpp_build.py: CPU only,
 # static, AVX2 baseline): llama-quantize and llama-completion, plus llama.cpp's converter (convert_hf_to_gguf.py,
 # conversion/, gguf-py/), so `lora-workbench export --format gguf` fetches nothing and does q4_k_m, q5_k_m, q6_k.
 # It compiles for 9-18 minutes on 2 cores (measured on the project's shared machine, busy: 562 s at load 6-8, 1047 s
@@ -26,12 +26,12 @@ ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 # Offline builds: mount a directory holding the sdist on /tmp/sdist (podman build -v DIR:/tmp/sdist:ro).
 FROM ${BASE_IMAGE} AS llama-cpp
 ARG LLAMA_CPP=1
-# The same pin as trainer/llama_cpp.py (VERSION, SDIST_SHA256).
+# The same pin as trainer/export/llama_cpp.py (VERSION, SDIST_SHA256).
 ARG LLAMA_CPP_VERSION=0.3.36
 ARG LLAMA_CPP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 ARG PIP_EXTRA_ARGS=""
 ARG DEBIAN_FRONTEND=noninteractive
-COPY trainer/llama_cpp_build.py /tmp/llama_cpp_build.py
+COPY trainer/export/llama_cpp_build.py /tmp/llama_cpp_build.py
 RUN mkdir -p /opt/llama.cpp && case "$LLAMA_CPP" in \
         "") exit 0 ;; 1) ;; *) echo "LLAMA_CPP=$LLAMA_CPP: 1 builds llama.cpp, empty skips it" >&2; exit 1 ;; esac \
     && apt-get update \
@@ -49,7 +49,7 @@ RUN mkdir -p /opt/llama.cpp && case "$LLAMA_CPP" in \
 FROM ${BASE_IMAGE}
 
 ARG DEBIAN_FRONTEND=noninteractive
-# libtcmalloc-minimal4: training processes re-execute on it (trainer/lean_memory.py: glibc's malloc fragments
+# libtcmalloc-minimal4: training processes re-execute on it (trainer/run/lean_memory.py: glibc's malloc fragments
 # activations, ~1 GB over live on the built-in model on a CPU)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates libtcmalloc-minimal4 \
@@ -82,7 +82,7 @@ ENV LLAMA_CPP_DIR=${LLAMA_CPP:+/opt/llama.cpp} LLAMA_QUANTIZE=${LLAMA_CPP:+/opt/
     PATH=$PATH:/opt/llama.cpp/bin
 
 # The source with its bundled presets/, data/, examples/ and benchmarks/. Editable install because the
-# package finds presets/ and data/ next to itself (trainer/paths.py: PROJECT_ROOT is the parent of trainer/).
+# package finds presets/ and data/ next to itself (trainer/config/paths.py: PROJECT_ROOT is the parent of trainer/).
 WORKDIR /app
 COPY . /app
 RUN pip install $PIP_EXTRA_ARGS --no-deps --no-build-isolation -e /app \

@@ -11,15 +11,22 @@ from typing import Any
 import gradio as gr
 
 from app.context import AppContext
-from trainer.adapter_source import AdapterError
-from trainer.chat_sources import adapter_choices, adapter_name, resolve_base, resolve_user_dir
-from trainer.config import ConfigError
-from trainer.export import ExportError, ExportRequest
-from trainer.gguf_export import CONVERTER_QUANTS, K_QUANTS
-from trainer.jobs import log_file
+from trainer.chat.adapter_source import AdapterError
+from trainer.config.run_config import ConfigError
+from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
+from trainer.export.merge import ExportError, ExportRequest
+from trainer.jobs.adapter_choices import adapter_choices, adapter_name, resolve_base, resolve_user_dir
+from trainer.jobs.queue import log_file
+from trainer.jobs.runs_index import zip_adapter
+from trainer.jobs.side_jobs import (
+    default_export_dir,
+    export_args,
+    export_result_md,
+    exports_root,
+    job_log,
+    progress_md,
+)
 from trainer.run_dir import file_stamp
-from trainer.runs_index import zip_adapter
-from trainer.side_jobs import default_export_dir, export_args, export_result_md, exports_root, job_log, progress_md
 
 BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait
 

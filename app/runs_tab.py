@@ -12,10 +12,10 @@ import gradio as gr
 from app import plots
 from app.context import AppContext
 from app.log_widget import log_box
-from trainer.log_view import log_view
+from trainer.jobs.log_view import log_view
+from trainer.jobs.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
+from trainer.jobs.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 from trainer.run_dir import file_stamp
-from trainer.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
-from trainer.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 
 BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait
 

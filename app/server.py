@@ -1,7 +1,7 @@
 """`lora-workbench ui`: build the Gradio app around a runs dir and serve it.
 
 The job queue runs on a thread of this process; training runs in subprocesses that outlive it, so the
-server can be restarted at any time and picks its runs up again (trainer/jobs.py).
+server can be restarted at any time and picks its runs up again (trainer/jobs/queue.py).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from app.log_widget import FOLLOW_NEWEST_JS
 from app.login_guard import LoginGuard
 from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab
-from trainer.builtin_models import cache_root
-from trainer.jobs import JobManager
-from trainer.runs_lock import LOCK_NAME, RunsDirBusy, hold_runs_dir
-from trainer.uploads import UPLOAD_LIMIT_MB
+from trainer.data.uploads import UPLOAD_LIMIT_MB
+from trainer.jobs.queue import JobManager
+from trainer.jobs.runs_lock import LOCK_NAME, RunsDirBusy, hold_runs_dir
+from trainer.model.builtin_models import cache_root
 
 AUTH_ENV = "LORA_WORKBENCH_AUTH"  # USER:PASS
 CSS = ".lwb-progress{margin:4px 0 8px} #estimate{min-height:3em} .lwb-log textarea{font-family:monospace}"
@@ -96,9 +96,9 @@ def check_exposure(host: str, auth: tuple[str, str] | None, insecure_no_auth: bo
 
 def check_example(example: str | None) -> None:
     """The config the page opens on must exist and be valid: a typo should stop the server, not blank the form."""
-    from trainer.config import ConfigError
-    from trainer.paths import resolve_local
-    from trainer.presets import load_config
+    from trainer.config.paths import resolve_local
+    from trainer.config.presets import load_config
+    from trainer.config.run_config import ConfigError
 
     path = resolve_local(example) if example else None
     if example and path is None:
@@ -131,8 +131,8 @@ def guarded_app_kwargs(auth: tuple[str, str] | None) -> dict[str, Any] | None:
 
 def prepare_default_model(ctx: AppContext) -> None:
     """Start building the default example's built-in model now, so the first Start does not wait for it."""
-    from trainer.builtin_models import start_prepare
-    from trainer.form import default_values
+    from trainer.config.form import default_values
+    from trainer.model.builtin_models import start_prepare
 
     model_id = default_values(str(ctx.runs_dir), ctx.example).get("model.name_or_path")
     log = start_prepare(str(model_id), ctx.runs_dir) if model_id else None

@@ -15,10 +15,7 @@ from app import plots
 from app.context import AppContext
 from app.log_widget import log_box
 from app.widgets import make_field, make_widget
-from trainer.config import ConfigError, RunConfig
-from trainer.data_files import DataError
-from trainer.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
-from trainer.form import (
+from trainer.config.form import (
     FIELDS,
     GROUPS,
     after_data_change,
@@ -30,11 +27,14 @@ from trainer.form import (
     passes_warning,
     shown_fields,
 )
-from trainer.log_view import log_view
-from trainer.model_configs import RemoteCodeRefused
-from trainer.monitor import RunWatch, explain_failure, progress
-from trainer.presets import list_presets, load_preset
-from trainer.uploads import dataset_choices, store_upload
+from trainer.config.presets import list_presets, load_preset
+from trainer.config.run_config import ConfigError, RunConfig
+from trainer.data.files import DataError
+from trainer.data.uploads import dataset_choices, store_upload
+from trainer.jobs.log_view import log_view
+from trainer.jobs.monitor import RunWatch, explain_failure, progress
+from trainer.model.model_configs import RemoteCodeRefused
+from trainer.plan.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
 
 PATHS = ["recipe", "model_preset", *(f.path for f in FIELDS)]
 # What the data preview (and its passes-over-the-data warning) reads: a change to any of these re-runs it.
@@ -79,7 +79,7 @@ def _problems_md(title: str, problems: list[str], limit: int = 50) -> str:
 
 # --- handlers: thin glue between widgets and trainer/ ----------------------------------------------------
 def estimate_md(ctx: AppContext, values: dict[str, Any]) -> str:
-    from trainer.estimate import estimate_cached
+    from trainer.plan.estimate import estimate_cached
 
     try:
         cfg = config_from_form(values, str(ctx.runs_dir))
@@ -109,7 +109,7 @@ def estimate_md(ctx: AppContext, values: dict[str, Any]) -> str:
 
 def builtin_note(cfg: RunConfig) -> str:
     """Where a built-in model is cached, or what its first use will fetch and convert."""
-    from trainer.builtin_models import BUILTIN_REAL, cache_note, cache_root
+    from trainer.model.builtin_models import BUILTIN_REAL, cache_note, cache_root
 
     spec = BUILTIN_REAL.get(cfg.model.name_or_path)
     return f"  \n{cache_note(spec, cache_root(cfg.output.runs_dir))}" if spec else ""
@@ -159,7 +159,7 @@ def config_preview(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str]:
 
 def checked_config(ctx: AppContext, values: dict[str, Any], refused: str) -> tuple[RunConfig | None, str]:
     """(the form's config, "") when it and its data are valid, else (None, what to fix)."""
-    from trainer.model_checks import check_model
+    from trainer.model.checks import check_model
 
     try:
         cfg = config_from_form(values, str(ctx.runs_dir))
@@ -202,8 +202,8 @@ def start_preflight(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str |
 def preflight_md(ctx: AppContext, job_id: str | None) -> str:
     """The pre-flight job's progress, then what it measured (and the change that fits, after an OOM)."""
     from trainer.job_status import read_result
-    from trainer.preflight import PreflightReport
-    from trainer.side_jobs import progress_md
+    from trainer.jobs.side_jobs import progress_md
+    from trainer.plan.preflight import PreflightReport
 
     job = ctx.manager.registry.get(job_id) if job_id else None
     if job is None:

@@ -68,8 +68,8 @@ def machine_lines(threads: int) -> list[str]:
 # --- adapters ----------------------------------------------------------------------------------------------------
 def train_adapter(method: str, config: Path, runs: Path, max_steps: int) -> tuple[Path, float]:
     """Train one adapter from an example config with max_steps shortened; returns (adapter dir, seconds)."""
-    from trainer.presets import deep_merge
-    from trainer.train import run_training
+    from trainer.config.presets import deep_merge
+    from trainer.run.train import run_training
 
     override: dict[str, Any] = {
         "training": {"max_steps": max_steps, "save_steps": max_steps, "eval_steps": max_steps},
@@ -98,7 +98,7 @@ def user_prompts(n: int) -> list[list[dict[str, str]]]:
 
 def chat_rows(engine: Any, target: str, prompts: list, max_tokens: tuple[int, ...]) -> list[str]:
     """Base and adapter answer each prompt in turn (the compare path); one row per target x setting."""
-    from trainer.inference import BASE, GenerationSettings
+    from trainer.chat.engine import BASE, GenerationSettings
 
     for _ in engine.compare([(BASE, prompts[0]), (target, prompts[0])], GenerationSettings(max_new_tokens=16)):
         pass  # warm-up
@@ -126,7 +126,7 @@ def chat_rows(engine: Any, target: str, prompts: list, max_tokens: tuple[int, ..
 
 def switch_rows(engine: Any, reps: int) -> list[str]:
     """set_adapter / disable_adapter timed on the engine's PeftModel, and the same seen from 1-token replies."""
-    from trainer.inference import BASE, GenerationSettings
+    from trainer.chat.engine import BASE, GenerationSettings
 
     model, names = engine.loaded.model, list(engine.loaded.peft_names.values())
     direct = []
@@ -169,7 +169,8 @@ def switch_rows(engine: Any, reps: int) -> list[str]:
 
 # --- export ------------------------------------------------------------------------------------------------------
 def export_row(label: str, adapter: Path, out: Path, dtype: str, merge_into: str) -> str:
-    from trainer.export import ExportRequest, run_export
+    from trainer.export.job import run_export
+    from trainer.export.merge import ExportRequest
 
     t0 = time.perf_counter()
     report = run_export(ExportRequest(adapter=adapter, out=out, dtype=dtype, merge_into=merge_into, overwrite=True))
@@ -206,8 +207,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from trainer.adapter_source import read_adapter
-    from trainer.inference import ChatEngine
+    from trainer.chat.adapter_source import read_adapter
+    from trainer.chat.engine import ChatEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="lwb-chat-export-"))
     log = tmp / "bench.log"

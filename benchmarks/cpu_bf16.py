@@ -4,7 +4,7 @@
     python benchmarks/cpu_bf16.py --part steps          # step times only (tiny model and SmolLM2-135M)
     python benchmarks/cpu_bf16.py --part runs --seeds 0 1 2
 
-Part `steps` (what `precision: auto` decides by, trainer/device.py CPU_BF16_MIN_HIDDEN): one LoRA step (r 16, all
+Part `steps` (what `precision: auto` decides by, trainer/model/device.py CPU_BF16_MIN_HIDDEN): one LoRA step (r 16, all
 linear layers, AdamW) of 8 rows x 128 tokens, in fp32 and with the base in bf16 under torch.autocast("cpu",
 bfloat16), adapter and optimizer in fp32, as the workbench trains; median of the steps after the first two.
 
@@ -57,7 +57,7 @@ def step_times(model_dir: str, bf16: bool, steps: int) -> list[float]:
 
 
 def part_steps(cache: Path) -> None:
-    from trainer.tiny_model import ensure_tiny_model
+    from trainer.model.tiny_model import ensure_tiny_model
 
     models = {"tiny test model": str(ensure_tiny_model(cache)), "SmolLM2-135M": str(cache / "smollm2-135m-instruct")}
     print("| model | hidden size | fp32 s/step | bf16 s/step | bf16 speed-up |\n|---|---|---|---|---|")
@@ -113,8 +113,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from trainer.builtin_models import cache_root
-    from trainer.device import cpu_bf16_flags
+    from trainer.model.builtin_models import cache_root
+    from trainer.model.device import cpu_bf16_flags
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, native bf16: "

@@ -1,5 +1,5 @@
 """Export fidelity on the built-in real model: how far each export moves the logits (float noise), against how far a
-deliberately broken merge moves them (a real bug), to place trainer/export.py's TOLERANCE between the two.
+deliberately broken merge moves them (a real bug), to place trainer/export/merge.py's TOLERANCE between the two.
 
     LORA_WORKBENCH_CACHE=~/.cache/lora-workbench-tests python benchmarks/export_fidelity.py
     python benchmarks/export_fidelity.py --steps 8 --lr 3e-3 --threads 2
@@ -41,7 +41,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def train_adapter(method: str, args: argparse.Namespace, runs: Path) -> Path:
     """A short, high-learning-rate run of the built-in model; returns its adapter dir."""
-    from trainer.train import run_training
+    from trainer.run.train import run_training
 
     cfg: dict[str, Any] = {
         "recipe": "qlora" if method == "qlora" else "lora",
@@ -69,8 +69,8 @@ def train_adapter(method: str, args: argparse.Namespace, runs: Path) -> Path:
 def references(adapter: Path, inputs: list[Any]) -> dict[str, list[Any]]:
     """fp32 logits of base + adapter (the 16bit check's reference on a CPU), of the base alone, of the adapter
     scaled by 2, and for a 4-bit run the 4-bit base + adapter (the dequantized check's reference)."""
-    from trainer.adapter_source import read_adapter
-    from trainer.export import ExportRequest, forward_logits, load_unmerged
+    from trainer.chat.adapter_source import read_adapter
+    from trainer.export.merge import ExportRequest, forward_logits, load_unmerged
 
     source = read_adapter(adapter)
     req = ExportRequest(adapter=adapter, out=adapter.parent / "unused", dtype="fp32")
@@ -93,7 +93,7 @@ def references(adapter: Path, inputs: list[Any]) -> dict[str, list[Any]]:
 
 
 def scale_of(reference: list[Any]) -> float:
-    """max |reference logit|, floored at 1, as trainer.export.compare scales its tolerance."""
+    """max |reference logit|, floored at 1, as trainer.export.merge.compare scales its tolerance."""
     return max(max(float(r.abs().max()) for r in reference), 1.0)
 
 
@@ -106,7 +106,8 @@ def row(label: str, f: dict[str, Any], scale: float, verdict: str = "") -> str:
 
 def export_one(adapter: Path, out: Path, dtype: str, merge_into: str) -> tuple[dict[str, Any], str, bool]:
     """run_export as `lora-workbench export` runs it; returns (its fidelity numbers, verdict, export kept)."""
-    from trainer.export import ExportError, ExportRequest, run_export
+    from trainer.export.job import run_export
+    from trainer.export.merge import ExportError, ExportRequest
 
     req = ExportRequest(adapter=adapter, out=out, dtype=dtype, merge_into=merge_into, overwrite=True)
     try:
@@ -121,7 +122,7 @@ def export_one(adapter: Path, out: Path, dtype: str, merge_into: str) -> tuple[d
 def exported_logits(out: Path, inputs: list[Any]) -> list[Any]:
     from transformers import AutoModelForCausalLM
 
-    from trainer.export import forward_logits
+    from trainer.export.merge import forward_logits
 
     model = AutoModelForCausalLM.from_pretrained(str(out), use_safetensors=True)
     logits = forward_logits(model, inputs)
@@ -131,7 +132,7 @@ def exported_logits(out: Path, inputs: list[Any]) -> list[Any]:
 
 def measure(method: str, adapter: Path, tmp: Path, inputs: list[Any]) -> tuple[list[str], list[str]]:
     """Table rows for one adapter: its exports and broken merges, and (QLoRA) the drift against the 4-bit run."""
-    from trainer.export import compare
+    from trainer.export.merge import compare
 
     refs = references(adapter, inputs)
     scale = scale_of(refs["adapter"])
@@ -177,8 +178,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from trainer.adapter_source import read_adapter
-    from trainer.export import PROMPTS, TOLERANCE, ExportRequest, load_tokenizer_for, prompt_inputs
+    from trainer.chat.adapter_source import read_adapter
+    from trainer.export.merge import PROMPTS, TOLERANCE, ExportRequest, load_tokenizer_for, prompt_inputs
 
     tmp = Path(tempfile.mkdtemp(prefix="lwb-export-fidelity-"))
     log = tmp / "bench.log"
@@ -205,7 +206,7 @@ def main() -> None:
                 "## Export fidelity on builtin:smollm2-135m (`benchmarks/export_fidelity.py`)",
                 "",
                 *machine_lines(args.threads),
-                f"Adapters: {trained}. Fidelity prompts: trainer.export.PROMPTS ({len(PROMPTS)} prompts, {positions} "
+                f"Adapters: {trained}. Fidelity prompts: trainer.export.merge.PROMPTS ({len(PROMPTS)} prompts, {positions} "
                 f"positions, teacher-forced). Current TOLERANCE: {TOLERANCE}.",
                 "",
                 head,

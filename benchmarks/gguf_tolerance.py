@@ -1,5 +1,5 @@
 """GGUF export tolerance on the built-in real model: how far each GGUF type moves the logits (rounding noise), against
-how far a broken export moves them (a real bug), to place trainer/gguf_export.py's GGUF_TOLERANCE between the two.
+how far a broken export moves them (a real bug), to place trainer/export/gguf.py's GGUF_TOLERANCE between the two.
 
     LORA_WORKBENCH_CACHE=~/.cache/lora-workbench-tests python benchmarks/gguf_tolerance.py --adapter runs/<id>/adapter
     python benchmarks/gguf_tolerance.py --adapter DIR --quants f16 q8_0 q4_k_m   # one type or a few
@@ -9,7 +9,7 @@ the k-quants q6_k, q5_k_m, q4_k_m (each quantized from the f16 GGUF, as the expo
 
 Takes a trained adapter of builtin:smollm2-135m, writes three fp32 checkpoints (base + adapter merged, the base alone
 = adapter dropped, the adapter merged at twice its scale), converts each with llama.cpp's converter to each GGUF type
-(trainer/llama_cpp.py; k-quants through llama-quantize) and prints, per GGUF, max |logit diff| against the unmerged
+(trainer/export/llama_cpp.py; k-quants through llama-quantize) and prints, per GGUF, max |logit diff| against the unmerged
 fp32 base + adapter on the export check's prompts, that relative to the largest reference logit (the number
 GGUF_TOLERANCE bounds), the mean diff and greedy agreement. Measures and prints; asserts nothing.
 """
@@ -34,8 +34,8 @@ from benchmarks.export_fidelity import row, scale_of  # noqa: E402
 
 def checkpoints(adapter: Path, tmp: Path) -> tuple[dict[str, Path], list[Any], Any]:
     """fp32 checkpoints (merged, dropped, scaled x2), the reference logits and the tokenizer."""
-    from trainer.adapter_source import read_adapter
-    from trainer.export import ExportRequest, forward_logits, load_tokenizer_for, load_unmerged, prompt_inputs
+    from trainer.chat.adapter_source import read_adapter
+    from trainer.export.merge import ExportRequest, forward_logits, load_tokenizer_for, load_unmerged, prompt_inputs
 
     source = read_adapter(adapter)
     req = ExportRequest(adapter=adapter, out=tmp / "unused", dtype="fp32")
@@ -59,8 +59,8 @@ def checkpoints(adapter: Path, tmp: Path) -> tuple[dict[str, Path], list[Any], A
 
 def gguf_of(converter: Path, cache: Path, model_dir: Path, out: Path, quant: str) -> Path:
     """The converter's GGUF of model_dir, or for a k-quant llama-quantize's of its f16 GGUF (kept for the next)."""
-    from trainer.gguf_export import CONVERTER_QUANTS
-    from trainer.llama_cpp import convert, quantize
+    from trainer.export.gguf_types import CONVERTER_QUANTS
+    from trainer.export.llama_cpp import convert, quantize
 
     if quant in CONVERTER_QUANTS:
         convert(converter, model_dir, out, quant, log=lambda _: None)
@@ -83,10 +83,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from trainer.builtin_models import cache_root
-    from trainer.export_fidelity import compare, forward_logits, prompt_inputs
-    from trainer.gguf_export import CONVERTER_QUANTS, GGUF_TOLERANCE, K_QUANTS, load_gguf
-    from trainer.llama_cpp import ensure_converter, find_quantizer
+    from trainer.export.fidelity import compare, forward_logits, prompt_inputs
+    from trainer.export.gguf import GGUF_TOLERANCE, load_gguf
+    from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
+    from trainer.export.llama_cpp import ensure_converter, find_quantizer
+    from trainer.model.builtin_models import cache_root
 
     cache = cache_root("runs")
     quantizer = find_quantizer(cache)

@@ -3,7 +3,7 @@ the workbench, each in a fresh process.
 
     python benchmarks/memory_phases.py                                # the issue-17 case: 16 steps, all three
     python benchmarks/memory_phases.py --steps 3 --only workbench trl
-    python benchmarks/memory_phases.py --lean     # all three on trainer/lean_memory.py's allocator and head tiles
+    python benchmarks/memory_phases.py --lean     # all three on trainer/run/lean_memory.py's allocator and head tiles
     python benchmarks/memory_phases.py --malloc MALLOC_MMAP_THRESHOLD_=1048576   # every process under that env
     python benchmarks/memory_phases.py --malloc LD_PRELOAD=libjemalloc.so.2 --only trl
     python benchmarks/memory_phases.py --profile 2    # + torch.profiler(profile_memory=True) over step 2
@@ -17,8 +17,8 @@ on 64 alpaca rows with long answers, generated here from the bundled data's text
 tokens. benchmarks/reference_trl.py has no scheduler flag, so its schedule is TRL's default (linear): that moves
 no memory. The workbench runs `lora-workbench train`'s run_training in-process (training.precision fp32 pinned):
 its allocator is the one this script starts it on, glibc's unless --lean (which is what the training command's
-own re-execution onto tcmalloc gives, trainer/lean_memory.py); its head tile is TRL's unless --lean or
-trainer/train.py sets it. The summary names both for each process.
+own re-execution onto tcmalloc gives, trainer/run/lean_memory.py); its head tile is TRL's unless --lean or
+trainer/run/train.py sets it. The summary names both for each process.
 
 Measured inside each process: a thread samples /proc/self/statm every 5 ms (RSS); each phase mark records the RSS
 then and the peak since the previous mark. Marks: imports, model loaded, data tokenized, training begins, and per
@@ -52,7 +52,7 @@ ROWS, MAX_LENGTH, BATCH, R, ALPHA, LR, SEED = 64, 256, 4, 8, 16, 1e-4, 0
 def make_rows(path: Path) -> Path:
     """64 alpaca rows: a short instruction, an answer of ~2,000 characters (over 256 tokens) of the bundled text."""
     sys.path.insert(0, str(ROOT))
-    from trainer.tiny_model import corpus_lines
+    from trainer.model.tiny_model import corpus_lines
 
     lines = [x for x in corpus_lines() if len(x) > 40]
     rng = random.Random(SEED)
@@ -159,9 +159,9 @@ def instrument(phases: Phases, variant: str, profile_step: int) -> None:
 
     after(PreTrainedModel, "from_pretrained", "model loaded", classmethod_=True)
     if variant == "workbench":
-        import trainer.data
+        import trainer.data.prepare
 
-        after(trainer.data, "prepare_data", "data tokenized")
+        after(trainer.data.prepare, "prepare_data", "data tokenized")
     elif variant == "trl":
         from trl import SFTTrainer
 
@@ -233,7 +233,7 @@ def child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401
     import trl  # noqa: F401
 
-    from trainer.lean_memory import loaded_allocator, small_head_tiles
+    from trainer.run.lean_memory import loaded_allocator, small_head_tiles
 
     if args.lean:  # the allocator came with the environment (run_variant)
         small_head_tiles()
@@ -241,7 +241,7 @@ def child(args: argparse.Namespace) -> None:
     instrument(phases, args.child, args.profile)
     work, data = Path(args.work), Path(args.work) / "rows.jsonl"
     if args.child == "workbench":
-        from trainer.train import run_training
+        from trainer.run.train import run_training
 
         code = run_training(str(workbench_config(work, data, args.steps)))
         if code:
@@ -344,7 +344,7 @@ def run_variant(variant: str, work: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.update(item.split("=", 1) for item in args.malloc)
     if args.lean:
-        from trainer.lean_memory import allocator_env
+        from trainer.run.lean_memory import allocator_env
 
         env |= allocator_env()
     log = work / f"{variant}.log"
@@ -383,7 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--malloc", action="append", default=[], metavar="MALLOC_X_=N", help="glibc env for each run")
-    ap.add_argument("--lean", action="store_true", help="trainer/lean_memory.py's allocator and tiles everywhere")
+    ap.add_argument("--lean", action="store_true", help="trainer/run/lean_memory.py's allocator and tiles everywhere")
     ap.add_argument("--profile", type=int, default=0, metavar="STEP", help="torch.profiler over this step")
     ap.add_argument("--tracemalloc", action="store_true", help="Python-side allocations per phase")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)

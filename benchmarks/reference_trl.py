@@ -161,8 +161,8 @@ def resolve_model(name: str) -> str:
     if name != "tiny" and not name.startswith("builtin:"):
         return name
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from trainer.builtin_models import BUILTIN_REAL, cache_root, ensure_builtin  # only to find the checkpoint
-    from trainer.tiny_model import ensure_tiny_model
+    from trainer.model.builtin_models import BUILTIN_REAL, cache_root, ensure_builtin  # only to find the checkpoint
+    from trainer.model.tiny_model import ensure_tiny_model
 
     if name == "tiny":
         return str(ensure_tiny_model(Path("runs/.cache")))

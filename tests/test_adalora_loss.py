@@ -6,23 +6,23 @@ from pathlib import Path
 
 import pytest
 
+from trainer.run.train import run_training
 from trainer.run_dir import read_metrics
-from trainer.train import run_training
 
 ADALORA = {"recipe": "adalora", "adapter": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1}}
 
 
 def workbench_trainer(cfg_path: Path):
     """The trainer fit() builds, for this config, on the CPU (no training)."""
-    from trainer import device
-    from trainer.adapters import to_peft_config
-    from trainer.data import prepare_data, to_dataset
-    from trainer.models import load_model, load_tokenizer, model_path
-    from trainer.presets import load_config
+    from trainer.config.presets import load_config
+    from trainer.data.prepare import prepare_data, to_dataset
+    from trainer.data.tokenization import chat_template_of
+    from trainer.model import device
+    from trainer.model.load import load_model, load_tokenizer, model_path
+    from trainer.model.peft_config import to_peft_config
+    from trainer.run.sft_trainer import WorkbenchSFTTrainer
+    from trainer.run.train import to_sft_config
     from trainer.run_dir import RunDir
-    from trainer.sft_trainer import WorkbenchSFTTrainer
-    from trainer.tokenization import chat_template_of
-    from trainer.train import to_sft_config
 
     cfg = load_config(cfg_path)
     plan = device.plan(cfg, cuda=False, bf16_ok=False)

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from trainer import bench, bench_report
-from trainer.bench import Case
-from trainer.bench_report import Measure
+from trainer.bench import bench
+from trainer.bench import report as bench_report
+from trainer.bench.bench import Case
+from trainer.bench.report import Measure
 from trainer.cli import main as cli_main
-from trainer.presets import build_config
+from trainer.config.presets import build_config
 
 
 def load_reference():
@@ -204,7 +205,7 @@ def test_real_cases_train_the_converted_checkpoint_in_every_variant(
 def test_real_text_rows_reach_max_length_without_truncation(real_model: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from trainer.tokenization import chat_template_of, tokenize_example
+    from trainer.data.tokenization import chat_template_of, tokenize_example
 
     path = bench.text_data(real_model, 256, 64, tmp_path / "rows.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -8,8 +8,8 @@ import pytest
 
 from app.chat_tab import load_models, plain, reply, unload_models
 from app.context import AppContext
-from trainer.inference import BASE, GenerationSettings
-from trainer.jobs import JobManager
+from trainer.chat.engine import BASE, GenerationSettings
+from trainer.jobs.queue import JobManager
 
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=16)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT, only_run
 from trainer.cli import main
-from trainer.train import run_training
+from trainer.run.train import run_training
 
 
 def test_make_tiny_model_is_loadable_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import ConfigError, RunConfig, resolved_target_modules
-from trainer.device import cpu_bf16_flags, cpu_precision, hardware_problems, plan
-from trainer.presets import build_config, list_presets, load_config
+from trainer.config.presets import build_config, list_presets, load_config
+from trainer.config.run_config import ConfigError, RunConfig, resolved_target_modules
+from trainer.model.device import cpu_bf16_flags, cpu_precision, hardware_problems, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from trainer.config import DataSection
-from trainer.data import load_examples, prepare_data
-from trainer.data_files import DataError
-from trainer.tokenization import IGNORE_INDEX
+from trainer.config.run_config import DataSection
+from trainer.data.files import DataError
+from trainer.data.prepare import load_examples, prepare_data
+from trainer.data.tokenization import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,8 +128,8 @@ def test_malformed_input_names_file_line_and_field(tok, tmp_path: Path, name: st
 
 
 def test_unknown_format_and_missing_file(tok, tmp_path: Path) -> None:
-    from trainer.config import ConfigError
-    from trainer.presets import build_config
+    from trainer.config.presets import build_config
+    from trainer.config.run_config import ConfigError
 
     with pytest.raises(ConfigError, match="data.format: Input should be 'auto', 'alpaca', 'sharegpt'"):
         build_config({"data": {"format": "xml"}})

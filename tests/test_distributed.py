@@ -19,14 +19,14 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from app.plots import memory_figure
 from tests.conftest import ROOT, only_run
-from trainer.config import ConfigError
-from trainer.device import hardware_problems
-from trainer.jobs import JobManager
-from trainer.launch import Machines, launch_argv, preset_file, train_argv
-from trainer.monitor import Series
-from trainer.presets import build_config, load_config
+from trainer.config.presets import build_config, load_config
+from trainer.config.run_config import ConfigError
+from trainer.jobs.monitor import Series
+from trainer.jobs.queue import JobManager
+from trainer.model.device import hardware_problems
+from trainer.run.launch import Machines, launch_argv, preset_file, train_argv
+from trainer.run.train import run_training
 from trainer.run_dir import RunDir, read_metrics, read_status
-from trainer.train import run_training
 
 STRATEGIES = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
 TWO_CPU_RANKS = {"hardware": {"cpu_processes": 2}, "training": {"max_steps": 3, "save_steps": 2}}
@@ -149,8 +149,8 @@ def test_token_counts_are_summed_over_the_ranks(tmp_path: Path) -> None:
             import json, sys
             sys.path.insert(0, {str(ROOT)!r})
             from accelerate import PartialState
-            from trainer.callbacks import TokenCounter
-            from trainer.distributed import GlobalTokens
+            from trainer.run.callbacks import TokenCounter
+            from trainer.run.distributed import GlobalTokens
 
             rank = PartialState(cpu=True).process_index
             counter = GlobalTokens(TokenCounter(lambda rows: rows))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import DataSection
-from trainer.data import load_examples
-from trainer.data_files import DataError
-from trainer.evaluate import metrics, missing_facts, print_summary, row_result
-from trainer.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows
+from trainer.config.run_config import DataSection
+from trainer.data.files import DataError
+from trainer.data.prepare import load_examples
+from trainer.export.evaluate import metrics, missing_facts, print_summary, row_result
+from trainer.jobs.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

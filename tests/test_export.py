@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.adapter_source import AdapterError
+from trainer.chat.adapter_source import AdapterError
 from trainer.cli import main
-from trainer.export import ExportError, ExportRequest, forward_logits, prompt_inputs, run_export
+from trainer.export.job import run_export
+from trainer.export.merge import ExportError, ExportRequest, forward_logits, prompt_inputs
 from trainer.run_dir import read_status
 
 
@@ -116,7 +117,7 @@ def test_an_existing_out_dir_that_is_no_export_is_kept_even_with_overwrite(train
 
 
 def test_a_failed_fidelity_check_leaves_nothing_behind(trained_adapter, tmp_path: Path, monkeypatch) -> None:
-    import trainer.export as export_module
+    import trainer.export.merge as export_module
 
     def drop_the_adapter(model, source, req, cuda):  # a broken merge: the base without the update
         return model.unload().to(torch.bfloat16)
@@ -287,8 +288,8 @@ def test_a_16bit_merge_of_a_qlora_run_reports_how_far_it_is_from_the_model_it_wa
     assert f"against the model it was trained with (the 4bit base + adapter): max |logit diff| {drift}" in stdout
     assert f"{trained['greedy_agreement']:.1%}" in stdout and "--merge-into dequantized keeps" in stdout
 
-    from trainer.registry import Job
-    from trainer.side_jobs import export_result_md
+    from trainer.jobs.registry import Job
+    from trainer.jobs.side_jobs import export_result_md
 
     job = Job(1, "export-1", None, "export", "completed", None, None, 0.0, None, None, "", str(status_dir), None,
               None, None)  # fmt: skip
@@ -322,7 +323,7 @@ def test_every_file_of_an_export_gets_the_mode_the_umask_gives(trained_adapter, 
 def test_the_page_names_its_replace_checkbox_not_the_cli_flag(trained_adapter, tmp_path: Path) -> None:
     from app.context import AppContext
     from app.export_tab import submit_export
-    from trainer.jobs import JobManager
+    from trainer.jobs.queue import JobManager
 
     ctx = AppContext(tmp_path / "runs", JobManager(tmp_path / "runs", max_running=0))
     adapter = str(trained_adapter("lora") / "adapter")

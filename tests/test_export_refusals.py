@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import trainer.export as export_module
-from trainer.adapter_source import AdapterError, read_adapter
+import trainer.export.gguf as gguf_module
+import trainer.export.merge as export_module
+from trainer.chat.adapter_source import AdapterError, read_adapter
 from trainer.cli import main
-from trainer.export import ExportError, ExportRequest, cli_quant, run_export
+from trainer.export.job import cli_quant, run_export
+from trainer.export.merge import ExportError, ExportRequest
 from trainer.run_dir import read_status
 
 
@@ -27,6 +29,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a model was loaded before the request was refused")
 
     monkeypatch.setattr(export_module, "load_unmerged", refuse)
+    monkeypatch.setattr(gguf_module, "load_unmerged", refuse)
 
 
 def partials(out: Path) -> list[str]:
@@ -115,8 +118,8 @@ def test_a_gguf_of_a_tiny_model_adapter_is_refused_before_any_model_loads(
     trained_adapter, tmp_path: Path, no_model_load
 ) -> None:
     """llama.cpp's converter does not know the tiny model's test tokenizer: said up front, not after the merge."""
-    from trainer.builtin_models import cache_root
-    from trainer.tiny_model import ensure_tiny_model
+    from trainer.model.builtin_models import cache_root
+    from trainer.model.tiny_model import ensure_tiny_model
 
     out, run_dir = tmp_path / "gguf", trained_adapter("lora")
     base = str(ensure_tiny_model(cache_root(run_dir / "runs")))  # the cached builtin:tiny (same seed, same weights)

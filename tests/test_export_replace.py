@@ -15,9 +15,10 @@ from app.context import AppContext
 from app.export_tab import submit_export
 from tests.conftest import ROOT
 from trainer.cli import main
-from trainer.export import ExportError, ExportRequest, move_into_place, run_export
-from trainer.export_target import MARKER
-from trainer.jobs import JobManager
+from trainer.export.job import run_export
+from trainer.export.merge import ExportError, ExportRequest, move_into_place
+from trainer.export.target import MARKER
+from trainer.jobs.queue import JobManager
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -127,7 +128,7 @@ def test_a_dir_filled_while_the_model_merged_is_not_replaced(tmp_path: Path) -> 
 def test_an_earlier_export_is_replaced_only_after_the_new_one_passed(
     trained_adapter, tmp_path: Path, monkeypatch
 ) -> None:
-    import trainer.export as export_module
+    import trainer.export.merge as export_module
 
     request = ExportRequest(adapter=trained_adapter("lora") / "adapter", out=tmp_path / "exports" / "merged")
     first = run_export(request)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import ConfigError
-from trainer.data_files import DataError
-from trainer.export import ExportError
+from trainer.config.run_config import ConfigError
+from trainer.data.files import DataError
+from trainer.export.merge import ExportError
 from trainer.failure import HINTS, classify, died
 from trainer.job_status import JobStatus
-from trainer.preflight import Trial, measure
+from trainer.plan.preflight import Trial, measure
 from trainer.run_dir import RunDir
 
 

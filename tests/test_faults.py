@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
-from trainer.callbacks import CHECKPOINT_MARKER, latest_complete_checkpoint
-from trainer.jobs import JobManager
-from trainer.presets import load_config
+from trainer.config.presets import load_config
+from trainer.jobs.queue import JobManager
+from trainer.run.callbacks import CHECKPOINT_MARKER, latest_complete_checkpoint
 from trainer.run_dir import read_status
 
 

@@ -48,7 +48,7 @@ def test_two_pages_building_the_tiny_model_at_once(tmp_path: Path):
     a fresh process, each thread's first `from transformers import AutoModelForCausalLM` also races the other's
     ("cannot import name"), unless the server has imported the libraries before it serves, as serve() does."""
     from app.server import import_model_libraries
-    from trainer.tiny_model import ensure_tiny_model
+    from trainer.model.tiny_model import ensure_tiny_model
 
     import_model_libraries()
 

@@ -12,16 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import plots
-from trainer.chat_sources import adapter_choices
-from trainer.config import ConfigError, DataSection
-from trainer.data import load_examples
-from trainer.data_files import DataError
-from trainer.jobs import JobManager
+from trainer.config.presets import load_config
+from trainer.config.run_config import ConfigError, DataSection
+from trainer.data.files import DataError
+from trainer.data.prepare import load_examples
+from trainer.jobs.adapter_choices import adapter_choices
+from trainer.jobs.monitor import RunWatch, explain_failure, progress
+from trainer.jobs.queue import JobManager
+from trainer.jobs.runs_index import SummaryCache, loss_curves, summarize
 from trainer.metrics_reader import NUMBER_KEYS
-from trainer.monitor import RunWatch, explain_failure, progress
-from trainer.presets import load_config
 from trainer.run_dir import FINAL_STATES, STATES, RunDir, StatusError, load_status
-from trainer.runs_index import SummaryCache, loss_curves, summarize
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -20,15 +20,16 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_side_jobs import job_in
-from trainer.builtin_models import cache_root
-from trainer.export import ExportError, ExportRequest, run_export
-from trainer.export_target import MARKER
-from trainer.side_jobs import export_result_md
+from trainer.export.job import run_export
+from trainer.export.merge import ExportError, ExportRequest
+from trainer.export.target import MARKER
+from trainer.jobs.side_jobs import export_result_md
+from trainer.model.builtin_models import cache_root
 
 
 @pytest.fixture(scope="module")
 def converter() -> Path:
-    from trainer.llama_cpp import LlamaCppError, ensure_converter
+    from trainer.export.llama_cpp import LlamaCppError, ensure_converter
 
     try:
         return ensure_converter(cache_root("runs"))
@@ -48,9 +49,9 @@ def reference(gguf_run: Path) -> dict[str, Any]:
     """What the check compares a GGUF with, as the export computes it: the run's tokenizer and the unmerged fp32
     base + adapter's logits on the check's prompts; beside them the logits of two broken merges of the same model,
     the adapter dropped and the adapter at twice its scale (lora_alpha read wrong)."""
-    from trainer.adapter_source import read_adapter
-    from trainer.export import load_tokenizer_for, load_unmerged
-    from trainer.export_fidelity import forward_logits, prompt_inputs
+    from trainer.chat.adapter_source import read_adapter
+    from trainer.export.fidelity import forward_logits, prompt_inputs
+    from trainer.export.merge import load_tokenizer_for, load_unmerged
 
     source = read_adapter(gguf_run / "adapter")
     req = ExportRequest(adapter=source.path, out=source.path.parent / "unused", dtype="fp32")
@@ -68,7 +69,7 @@ def reference(gguf_run: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def quantizer() -> str:
-    from trainer.llama_cpp import find_quantizer
+    from trainer.export.llama_cpp import find_quantizer
 
     if (found := find_quantizer(cache_root("runs"))) is None:
         pytest.skip(
@@ -114,8 +115,8 @@ def test_f16_export_passes_the_check_closer_than_q8_0(gguf_run: Path, tmp_path: 
 
 def test_a_gguf_of_the_base_alone_fails_the_logit_check(reference, converter, real_model, tmp_path: Path) -> None:
     """A dropped adapter (the GGUF made from the base checkpoint) against base + adapter: the check catches it."""
-    from trainer.gguf_export import check_gguf
-    from trainer.llama_cpp import convert
+    from trainer.export.gguf import check_gguf
+    from trainer.export.llama_cpp import convert
 
     tokenizer = reference["tokenizer"]
     gguf = tmp_path / "base.q8_0.gguf"
@@ -129,9 +130,10 @@ def test_the_logit_tolerances_tell_a_dropped_or_mis_scaled_adapter_from_the_righ
     """The check's logit gate (compare with GGUF_TOLERANCE) against base + adapter: the adapter dropped or at twice
     its scale fails at f16, bf16 and q8_0. A k-quant's merge is checked on the f16 GGUF it is quantized from
     (check_source, at f16's tolerance), since at 4-6 bits the built-in model's rounding noise reaches a broken
-    merge's distance (benchmarks/gguf_tolerance.py, the module comment of trainer/gguf_export.py)."""
-    from trainer.export_fidelity import compare
-    from trainer.gguf_export import CONVERTER_QUANTS, GGUF_TOLERANCE
+    merge's distance (benchmarks/gguf_tolerance.py, the module comment of trainer/export/gguf.py)."""
+    from trainer.export.fidelity import compare
+    from trainer.export.gguf import GGUF_TOLERANCE
+    from trainer.export.gguf_types import CONVERTER_QUANTS
 
     for quant in CONVERTER_QUANTS:
         for broken in ("dropped", "scaled x2"):
@@ -141,7 +143,7 @@ def test_the_logit_tolerances_tell_a_dropped_or_mis_scaled_adapter_from_the_righ
 
 
 def test_a_k_quant_whose_f16_source_is_off_fails_naming_the_merge() -> None:
-    from trainer.gguf_export import failures
+    from trainer.export.gguf import failures
 
     ok = {"passed": True, "tolerance_rule": "0.3 x max |reference logit| (37.9), q4_k_m"}
     checks = {
@@ -199,7 +201,7 @@ def test_an_adapter_without_a_chat_template_fails_and_leaves_nothing(gguf_run: P
 def test_unknown_or_unbuilt_quant_types_are_refused_before_any_model_loads(
     trained_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer.export import validate_request
+    from trainer.export.merge import validate_request
 
     adapter = trained_adapter("lora") / "adapter"
     without_quantizer(monkeypatch, tmp_path)
@@ -225,7 +227,7 @@ def without_quantizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_build_llama_cpp_without_cmake_says_what_to_install_and_fetches_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from trainer.llama_cpp_build import build_command
+    from trainer.export.llama_cpp import build_command
 
     monkeypatch.setenv("LORA_WORKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, no compiler
@@ -240,7 +242,7 @@ def test_the_page_queues_a_gguf_export_and_refuses_an_unbuilt_k_quant(
 ) -> None:
     from app.context import AppContext
     from app.export_tab import submit_export
-    from trainer.jobs import JobManager
+    from trainer.jobs.queue import JobManager
 
     adapter = str(trained_adapter("lora") / "adapter")
     without_quantizer(monkeypatch, tmp_path)
@@ -256,7 +258,7 @@ def test_the_page_queues_a_gguf_export_and_refuses_an_unbuilt_k_quant(
 
 
 def test_a_wrong_llama_quantize_path_is_refused_before_any_model_loads(monkeypatch, tmp_path: Path) -> None:
-    from trainer.gguf_export import gguf_problems
+    from trainer.export.gguf_types import gguf_problems
 
     monkeypatch.setenv("LLAMA_QUANTIZE", str(tmp_path / "nonexistent"))
     [problem] = gguf_problems("q4_k_m", None, tmp_path)

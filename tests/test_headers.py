@@ -83,7 +83,7 @@ def told_to_copy(path: Path) -> re.Match | None:
 @pytest.mark.parametrize("path", [p for p in PRESETS if told_to_copy(p)], ids=lambda p: p.name)
 def test_the_copy_a_preset_tells_you_to_make_builds_a_config_with_that_preset(path: Path) -> None:
     """Doing what the header says ("copy examples/X.yaml, set ...") gives a valid config that uses the preset."""
-    from trainer.presets import build_config, read_yaml
+    from trainer.config.presets import build_config, read_yaml
 
     text, found = " ".join(header(path)), told_to_copy(path)
 

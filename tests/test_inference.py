@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.adapter_source import AdapterError, read_adapter, shape_problems
-from trainer.callbacks import CHECKPOINT_MARKER
-from trainer.chat_sources import adapter_choices, gpu_busy_warning, resolve_user_dir, run_adapter
-from trainer.inference import BASE, ChatEngine, GenerationSettings
-from trainer.registry import Job
+from trainer.chat.adapter_source import AdapterError, read_adapter, shape_problems
+from trainer.chat.engine import BASE, ChatEngine, GenerationSettings
+from trainer.jobs.adapter_choices import adapter_choices, gpu_busy_warning, resolve_user_dir, run_adapter
+from trainer.jobs.registry import Job
+from trainer.run.callbacks import CHECKPOINT_MARKER
 
 PROMPT = [{"role": "user", "content": "Review: I loved this film, great acting. Sentiment?"}]
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=24)

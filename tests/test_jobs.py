@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
-from trainer.jobs import JobManager
-from trainer.presets import load_config
+from trainer.config.presets import load_config
+from trainer.jobs.queue import JobManager
 from trainer.run_dir import read_metrics, read_status
 
 

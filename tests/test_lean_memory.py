@@ -1,4 +1,4 @@
-"""trainer/lean_memory.py: a training command re-executes itself on a lean allocator where one is installed, and
+"""trainer/run/lean_memory.py: a training command re-executes itself on a lean allocator where one is installed, and
 TRL's fused LM head scores a CPU batch in small tiles with the same results."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer import lean_memory
-from trainer.paths import PROJECT_ROOT
+from trainer.config.paths import PROJECT_ROOT
+from trainer.run import lean_memory
 
 # What a training command runs first; the re-executed process prints what it runs on.
 COMMAND = textwrap.dedent(
     """
     import json, os, sys
-    from trainer import lean_memory
+    from trainer.run import lean_memory
 
     print(os.getpid())  # once per execution
     name = lean_memory.use_lean_allocator({allocators!r})

@@ -12,8 +12,8 @@ import pytest
 from app.context import AppContext
 from app.runs_tab import open_run
 from app.train_tab import monitor_update
-from trainer.jobs import JobManager
-from trainer.log_view import fold_repeats, log_view, screen_lines
+from trainer.jobs.log_view import fold_repeats, log_view, screen_lines
+from trainer.jobs.queue import JobManager
 
 KERNELS = (
     "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure you "
@@ -98,7 +98,7 @@ def test_the_runs_and_train_tabs_show_the_folded_tail(tmp_path: Path):
 def test_an_unquantized_run_log_does_not_open_with_the_bitsandbytes_kernel_warning(make_config, tmp_path: Path):
     """A LoRA run started as the page starts it (a job whose stdout+stderr go to train.log)."""
     from tests.conftest import ROOT
-    from trainer.presets import load_config
+    from trainer.config.presets import load_config
 
     if "avx512_bf16" not in Path("/proc/cpuinfo").read_text():  # bitsandbytes' own condition for trying the kernel
         pytest.skip("bitsandbytes does not try its CPU 4-bit kernel on this CPU (no AVX512-BF16): nothing to hide")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from trainer.cli import main
-from trainer.estimate import estimate
-from trainer.memory import CUDA_CONTEXT_BYTES, GB, variants
-from trainer.model_configs import kept_config_dir, kept_names
-from trainer.presets import build_config
+from trainer.config.presets import build_config
+from trainer.model.model_configs import kept_config_dir, kept_names
+from trainer.plan.estimate import estimate
+from trainer.plan.memory import CUDA_CONTEXT_BYTES, GB, variants
 
 # Llama-2-7B: 32 layers of q,k,v,o (4096x4096) and gate,up,down (4096x11008); 32000-token vocab, untied head.
 L2_LINEAR = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
@@ -108,9 +108,9 @@ def test_estimate_command_checks_a_named_gpu_size(make_config, capsys):
 
 def test_every_run_records_its_prediction(make_config, tmp_path):
     from tests.conftest import only_run
+    from trainer.jobs.runs_index import summarize
+    from trainer.run.train import run_training
     from trainer.run_dir import read_metrics
-    from trainer.runs_index import summarize
-    from trainer.train import run_training
 
     assert run_training(str(make_config({"training": {"max_steps": 2}}))) == 0
     run = only_run(tmp_path / "runs")
@@ -144,8 +144,8 @@ def test_auto_checkpointing_is_off_where_the_run_fits_without_it():
 
 def test_a_run_decides_auto_checkpointing_and_says_why(make_config, tmp_path):
     from tests.conftest import only_run
+    from trainer.run.train import run_training
     from trainer.run_dir import read_metrics
-    from trainer.train import run_training
 
     cfg = make_config({"training": {"max_steps": 1, "gradient_checkpointing": "auto"}})
     assert run_training(str(cfg)) == 0

@@ -14,9 +14,9 @@ import pytest
 
 from app.context import AppContext
 from app.train_tab import estimate_md, preview_outputs, start_run
-from trainer.form import default_values
-from trainer.jobs import JobManager
-from trainer.train import run_training
+from trainer.config.form import default_values
+from trainer.jobs.queue import JobManager
+from trainer.run.train import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 MADE_UP = "nobody-lwb/made-up-model-7b"

@@ -21,10 +21,10 @@ from app.chat_tab import load_models
 from app.context import AppContext
 from app.export_tab import submit_export
 from app.train_tab import estimate_md, preview_outputs, start_run
-from trainer.config import RunConfig
-from trainer.form import default_values
-from trainer.jobs import JobManager
-from trainer.uploads import store_upload
+from trainer.config.form import default_values
+from trainer.config.run_config import RunConfig
+from trainer.data.uploads import store_upload
+from trainer.jobs.queue import JobManager
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (ROOT / "data" / "sentiment_train.jsonl").read_text().splitlines()[:8]
@@ -222,11 +222,13 @@ def test_a_model_with_its_own_code_and_trust_unticked_is_a_clear_problem(ctx, re
 
 
 def test_chat_refuses_and_export_checks_without_running_the_models_own_code(ctx, remote_model):
+    from safetensors.torch import save_file
+
     model, marker = remote_model
     adapter = ctx.runs_dir / "handmade" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
-    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    save_file({}, str(adapter / "adapter_model.safetensors"))  # a readable header; the weights never load here
     cfg = RunConfig.model_validate({"model": {"name_or_path": str(model), "trust_remote_code": True}})
     (adapter / "workbench_config.yaml").write_text(cfg.to_yaml())
     text, _ = load_models(ctx, [], str(adapter), "", "as trained", False)
@@ -239,8 +241,8 @@ def test_chat_refuses_and_export_checks_without_running_the_models_own_code(ctx,
 def test_a_typed_base_under_the_servers_cwd_reads_the_same_as_a_missing_one(ctx, monkeypatch):
     """The chat/export base override: a directory under the cwd (outside the roots) and a made-up hub id get one
     message, so the page cannot probe which names exist where the server was started."""
-    from trainer.adapter_source import AdapterError
-    from trainer.chat_sources import resolve_base
+    from trainer.chat.adapter_source import AdapterError
+    from trainer.jobs.adapter_choices import resolve_base
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.cli import main
-from trainer.preflight import Trial, longest_examples, preflight, short_config
-from trainer.presets import load_config
+from trainer.config.presets import load_config
+from trainer.plan.preflight import Trial, longest_examples, preflight, short_config
 
 
 def test_preflight_measures_the_longest_rows_and_reports_an_eta(make_config, tmp_path: Path):

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tests.conftest import only_run
+from trainer.run.train import run_training
 from trainer.run_dir import read_metrics
-from trainer.train import run_training
 
 
 def adapter_dtypes(run: Path) -> set[str]:

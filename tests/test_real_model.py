@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, only_run
-from trainer.builtin_models import SMOLLM2, cache_root, cached_dir
-from trainer.config import ConfigError
-from trainer.presets import build_config, deep_merge
+from trainer.config.presets import build_config, deep_merge
+from trainer.config.run_config import ConfigError
+from trainer.model.builtin_models import SMOLLM2, cache_root, cached_dir
 
 INSTRUCTIONS = str(ROOT / "data/instructions_messages.jsonl")
 
@@ -76,12 +76,11 @@ def train_lines(run: Path) -> list[dict]:
     return [x for x in lines if x["kind"] == "train"]
 
 
-def train_unseen_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One LoRA run of the real model on a dataset the project has never seen: conftest's session fixture
-    `real_run`, shared by the chat, export, evaluate and GGUF tests."""
-    from trainer.train import run_training
+def train_unseen_run(root: Path) -> Path:
+    """One LoRA run of the real model on a dataset the project has never seen, under root: conftest's session
+    fixture `real_run`, shared by the chat, export, evaluate and GGUF tests."""
+    from trainer.run.train import run_training
 
-    root = tmp_path_factory.mktemp("real-lora")
     data = {"source": str(unseen_rows(root)), "format": "alpaca", "max_samples": None}
     cfg = real_config(root, {"data": data, "training": {"max_steps": 12}})
     assert run_training(str(cfg)) == 0
@@ -89,7 +88,7 @@ def train_unseen_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_builtin_id_resolves_to_the_cached_checkpoint(real_model: Path, tmp_path: Path) -> None:
-    from trainer.models import model_path
+    from trainer.model.load import model_path
 
     cfg = build_config({"model_preset": "smollm2", "output": {"runs_dir": str(tmp_path)}})
     assert cfg.model.name_or_path == "builtin:smollm2-135m"
@@ -134,7 +133,7 @@ def test_two_processes_building_it_at_once_share_one_conversion(real_model: Path
     ids=["qlora-4bit", "dora", "adalora"],
 )
 def test_each_method_trains_the_real_model(real_model: Path, tmp_path: Path, overrides: dict) -> None:
-    from trainer.train import run_training
+    from trainer.run.train import run_training
 
     assert run_training(str(real_config(tmp_path, overrides))) == 0
     run = only_run(tmp_path / "runs")
@@ -146,7 +145,7 @@ def test_each_method_trains_the_real_model(real_model: Path, tmp_path: Path, ove
 def test_the_preview_masks_the_chatml_prompt_and_trains_the_answer_and_its_end(
     real_model: Path, tmp_path: Path
 ) -> None:
-    from trainer.data_preview import CUT, PROMPT, TRAINED, preview_data
+    from trainer.plan.data_preview import CUT, PROMPT, TRAINED, preview_data
 
     cfg = build_config(yaml.safe_load(real_config(tmp_path).read_text()))
     row = preview_data(cfg, n_rows=1).rows[0]
@@ -162,7 +161,7 @@ def test_the_preview_masks_the_chatml_prompt_and_trains_the_answer_and_its_end(
 
 
 def test_chat_streams_base_and_adapter_side_by_side(real_run: Path) -> None:
-    from trainer.inference import BASE, ChatEngine, GenerationSettings
+    from trainer.chat.engine import BASE, ChatEngine, GenerationSettings
 
     engine = ChatEngine()
     engine.load({"lora": str(real_run / "adapter")})
@@ -182,7 +181,8 @@ def test_export_merges_the_real_model_and_passes_its_fidelity_check(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.export import ExportRequest, run_export
+    from trainer.export.job import run_export
+    from trainer.export.merge import ExportRequest
 
     out = tmp_path / "merged"
     report = run_export(ExportRequest(adapter=real_run / "adapter", out=out, dtype=dtype))
@@ -218,7 +218,7 @@ def test_evaluate_writes_base_and_adapter_scores(real_run: Path, tmp_path: Path)
 
 
 def test_the_page_says_where_the_model_is_cached_or_what_first_use_will_do(real_model: Path, tmp_path: Path) -> None:
-    from trainer.builtin_models import cache_note
+    from trainer.model.builtin_models import cache_note
 
     ready = cache_note(SMOLLM2, real_model.parent)
     assert str(real_model) in ready and "MB" in ready
@@ -230,7 +230,7 @@ def test_a_corrupt_extracted_gguf_is_dropped_and_named(real_model: Path, tmp_pat
     """A bad GGUF in downloads/ is not trusted forever: the error names it and the next try re-extracts it."""
     import shutil
 
-    from trainer.builtin_models import BuiltinModelError, ensure_builtin
+    from trainer.model.builtin_models import BuiltinModelError, ensure_builtin
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -249,8 +249,8 @@ def test_the_preview_never_builds_the_model_in_the_page(tmp_path: Path, monkeypa
     """Uncached: the preview says the model is being prepared in the background, then why the last try failed."""
     import time
 
-    from trainer.builtin_models import preparing
-    from trainer.data_preview import preview_data
+    from trainer.model.builtin_models import preparing
+    from trainer.plan.data_preview import preview_data
 
     cache = tmp_path / "cache"
     (cache / "downloads").mkdir(parents=True)
@@ -270,7 +270,7 @@ def test_the_preview_never_builds_the_model_in_the_page(tmp_path: Path, monkeypa
 
 def test_a_cut_or_unfinished_checkpoint_is_not_taken_as_cached(real_model: Path, tmp_path: Path) -> None:
     """The conversion records each file's size last; a copy cut short (a full disk, a killed copy) is rebuilt."""
-    from trainer.builtin_models import MANIFEST, checkpoint_problem
+    from trainer.model.builtin_models import MANIFEST, checkpoint_problem
 
     assert checkpoint_problem(real_model) is None  # the session's own conversion wrote its sizes
     target = tmp_path / SMOLLM2.dir_name

@@ -20,11 +20,11 @@ from app.context import AppContext
 from app.runs_tab import not_listed_md, table_rows, zip_note
 from app.train_tab import monitor_update
 from tests.conftest import ROOT
-from trainer.chat_sources import adapter_choices
-from trainer.jobs import JobManager
-from trainer.monitor import Watchers, progress
+from trainer.jobs.adapter_choices import adapter_choices
+from trainer.jobs.monitor import Watchers, progress
+from trainer.jobs.queue import JobManager
+from trainer.jobs.runs_index import COLUMNS, adapter_zip
 from trainer.run_dir import FINAL_STATES, RunDir
-from trainer.runs_index import COLUMNS, adapter_zip
 
 STATE = COLUMNS.index("state")
 TRAIN_LOSS = COLUMNS.index("train loss")

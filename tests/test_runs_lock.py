@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from trainer.runs_lock import LOCK_NAME, RunsDirBusy, hold_runs_dir
+from trainer.jobs.runs_lock import LOCK_NAME, RunsDirBusy, hold_runs_dir
 
 
 def test_a_second_holder_is_refused_with_the_first_named(tmp_path: Path) -> None:

@@ -53,8 +53,8 @@ def test_no_shell_no_unpickling_safetensors_only(path: Path) -> None:
 
 def test_trusting_remote_code_is_warned_about_in_the_log_and_the_metrics(make_config, tmp_path: Path) -> None:
     from tests.conftest import only_run
+    from trainer.run.train import run_training
     from trainer.run_dir import read_metrics
-    from trainer.train import run_training
 
     assert run_training(str(make_config({"model": {"trust_remote_code": True}, "training": {"max_steps": 1}}))) == 0
     run = only_run(tmp_path / "runs")

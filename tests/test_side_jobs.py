@@ -12,10 +12,10 @@ from app.context import AppContext
 from app.export_tab import export_view, submit_export
 from app.runs_tab import evaluation_view, submit_evaluate
 from tests.conftest import ROOT
-from trainer.jobs import JobManager
-from trainer.registry import Job
+from trainer.jobs.queue import JobManager
+from trainer.jobs.registry import Job
+from trainer.jobs.side_jobs import eval_rows, export_result_md, progress_md
 from trainer.run_dir import write_json_atomic
-from trainer.side_jobs import eval_rows, export_result_md, progress_md
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_bad_export_requests_are_not_queued(ctx: AppContext, trained_adapter, tm
 
 
 def test_evaluate_is_queued_for_a_finished_run_with_held_out_data(ctx: AppContext, make_config):
-    from trainer.train import run_training
+    from trainer.run.train import run_training
 
     cfg = make_config({"data": {"eval_source": str(ROOT / "data/sentiment_heldout.jsonl")}})
     assert run_training(str(cfg)) == 0
@@ -138,7 +138,7 @@ def test_progress_and_fidelity_text(tmp_path: Path):
 
 def test_preflight_from_the_form_runs_as_a_job_and_reports(tmp_path: Path):
     from app.train_tab import preflight_md, start_preflight
-    from trainer.form import default_values
+    from trainer.config.form import default_values
 
     ctx = AppContext(tmp_path / "runs", JobManager(tmp_path / "runs", max_running=1, cwd=ROOT))
     values = default_values(str(ctx.runs_dir), "examples/tiny-lora.yaml")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tests.conftest import only_run
-from trainer.config import RunConfig
-from trainer.device import hardware_problems, plan
-from trainer.presets import build_config, load_config
+from trainer.config.presets import build_config, load_config
+from trainer.config.run_config import RunConfig
+from trainer.model.device import hardware_problems, plan
+from trainer.run.train import run_training
 from trainer.run_dir import read_metrics
-from trainer.train import run_training
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine refuses")
 
@@ -66,10 +66,10 @@ def _eval_loss(cfg_path: Path, **training) -> float:
     """Evaluation loss of the untrained adapter (B = 0, so the base model's) with these batching options."""
     from trl import SFTTrainer
 
-    from trainer.adapters import to_peft_config
-    from trainer.data import to_dataset
-    from trainer.models import load_model
-    from trainer.train import Session, open_run_dir, prepare, to_sft_config
+    from trainer.data.prepare import to_dataset
+    from trainer.model.load import load_model
+    from trainer.model.peft_config import to_peft_config
+    from trainer.run.train import Session, open_run_dir, prepare, to_sft_config
 
     cfg = load_config(cfg_path)
     cfg = RunConfig.model_validate({**cfg.model_dump(), "training": {**cfg.training.model_dump(), **training}})
@@ -100,8 +100,8 @@ def test_packed_rows_do_not_attend_to_each_other(make_config, attn: str) -> None
 
 def test_sft_config_overrides_trl_defaults(make_config) -> None:
     """TRL 1.16 turns gradient checkpointing and bf16 on by default; the run's own choices win, loss stays nll."""
+    from trainer.run.train import to_sft_config
     from trainer.run_dir import RunDir
-    from trainer.train import to_sft_config
 
     cfg_path = make_config({"training": {"group_by_length": True, "dataloader_num_workers": 2, "torch_compile": True}})
     cfg = load_config(cfg_path)
@@ -125,7 +125,7 @@ def test_tf32_auto_resolves_per_machine() -> None:
 
 
 def test_attention_and_packing_auto_pick_flash_attention_and_packing_only_where_it_runs(monkeypatch) -> None:
-    from trainer import device
+    from trainer.model import device
 
     cfg = build_config({})
     assert (cfg.model.attn_implementation, cfg.training.packing) == ("auto", "auto")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, only_run
-from trainer import lean_memory
+from trainer.run import lean_memory
+from trainer.run.train import run_training
 from trainer.run_dir import read_metrics, read_status
-from trainer.train import run_training
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
@@ -77,7 +77,7 @@ def test_sigterm_saves_adapter_and_resume_continues(stopped_run: Path) -> None:
 
 
 def test_incomplete_checkpoints_are_not_resumed_from(tmp_path: Path) -> None:
-    from trainer.callbacks import latest_complete_checkpoint
+    from trainer.run.callbacks import latest_complete_checkpoint
 
     for step, complete in ((5, True), (10, True), (15, False)):
         d = tmp_path / f"checkpoint-{step}"

@@ -12,8 +12,8 @@ import pytest
 
 from app import export_tab, runs_tab, train_tab
 from app.context import AppContext
-from trainer.jobs import JobManager
-from trainer.monitor import Watchers
+from trainer.jobs.monitor import Watchers
+from trainer.jobs.queue import JobManager
 from trainer.run_dir import RunDir
 
 SKIP = gr.skip()

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import only_run
-from trainer import lean_memory
-from trainer.estimate import estimate
-from trainer.presets import load_config
+from trainer.config.presets import load_config
+from trainer.plan.estimate import estimate
+from trainer.run import lean_memory
+from trainer.run.train import run_training
 from trainer.run_dir import read_metrics
-from trainer.train import run_training
 
 METHOD_OVERRIDES = {
     "lora": {"recipe": "lora"},

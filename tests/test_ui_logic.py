@@ -11,11 +11,7 @@ import pytest
 import yaml
 
 from app.server import AUTH_ENV, LaunchError, check_exposure, is_loopback, parse_auth, read_auth
-from trainer.config import ConfigError, RunConfig
-from trainer.data import load_examples
-from trainer.data_files import DataError
-from trainer.data_preview import CUT, PROMPT, TRAINED, preview_data, tokenizer_for
-from trainer.form import (
+from trainer.config.form import (
     FIELDS,
     SECTIONS,
     apply_preset,
@@ -24,11 +20,15 @@ from trainer.form import (
     default_values,
     form_values,
 )
-from trainer.monitor import RunWatch, Series, Watchers, ema, explain_failure, progress
-from trainer.presets import build_config, load_config
-from trainer.registry import Job
-from trainer.run_dir import write_json_atomic
-from trainer.runs_index import (
+from trainer.config.presets import build_config, load_config
+from trainer.config.run_config import ConfigError, RunConfig
+from trainer.data.files import DataError
+from trainer.data.prepare import load_examples
+from trainer.data.tokenization import chat_template_of, render_with_spans
+from trainer.data.uploads import dataset_choices, store_upload, uploads_dir
+from trainer.jobs.monitor import RunWatch, Series, Watchers, ema, explain_failure, progress
+from trainer.jobs.registry import Job
+from trainer.jobs.runs_index import (
     COLUMNS,
     SummaryCache,
     config_diff,
@@ -38,8 +38,8 @@ from trainer.runs_index import (
     summarize,
     zip_adapter,
 )
-from trainer.tokenization import chat_template_of, render_with_spans
-from trainer.uploads import dataset_choices, store_upload, uploads_dir
+from trainer.plan.data_preview import CUT, PROMPT, TRAINED, preview_data, tokenizer_for
+from trainer.run_dir import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 BY_PATH = {f.path: f for f in FIELDS}
@@ -57,7 +57,7 @@ def config_error(values: dict, runs_dir: str = "runs") -> ConfigError:
     return e.value
 
 
-# --- trainer/form.py ----------------------------------------------------------------------------------------
+# --- trainer/config/form.py ----------------------------------------------------------------------------------------
 
 
 def test_every_config_knob_has_a_form_field_with_help() -> None:
@@ -214,7 +214,7 @@ def test_cli_command_quotes_paths() -> None:
     assert shlex.split(cmd) == ["lora-workbench", "train", "/tmp/my runs/it's.yaml"]
 
 
-# --- trainer/data_preview.py --------------------------------------------------------------------------------
+# --- trainer/plan/data_preview.py --------------------------------------------------------------------------------
 
 
 def test_preview_of_good_data_marks_trained_and_prompt_text(make_config) -> None:
@@ -304,7 +304,7 @@ def test_preview_verdict_says_overlength_rows_are_dropped(make_config, tmp_path:
     assert not preview.ok and any("line 2" in e and "max_length" in e for e in preview.errors)
 
 
-# --- trainer/monitor.py -------------------------------------------------------------------------------------
+# --- trainer/jobs/monitor.py -------------------------------------------------------------------------------------
 
 
 def _line(kind: str, step: int, **kw) -> str:
@@ -437,7 +437,7 @@ def test_explain_failure_shows_the_structured_failure_never_parsing_text() -> No
     assert other is not None and "without an error message" in other and other.startswith("### The run failed")
 
 
-# --- trainer/runs_index.py ----------------------------------------------------------------------------------
+# --- trainer/jobs/runs_index.py ----------------------------------------------------------------------------------
 
 
 def _make_run(runs: Path, run_id: str = "20250101-000000-abcd", *, quant: str = "4bit") -> Path:
@@ -615,7 +615,7 @@ def test_loss_curves(tmp_path: Path) -> None:
     assert loss_curves(empty) == {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
 
 
-# --- trainer/uploads.py -------------------------------------------------------------------------------------
+# --- trainer/data/uploads.py -------------------------------------------------------------------------------------
 
 
 def test_store_upload_checks_type_and_size(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and argv is None:  # this process is the command (not a test calling main)
-        from trainer.lean_memory import use_lean_allocator
+        from trainer.run.lean_memory import use_lean_allocator
 
         use_lean_allocator()  # once, before torch loads: re-executes on tcmalloc/jemalloc where installed
     if args.command == "ui":
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "train":
-        from trainer.launch import Machines
-        from trainer.train import run_training
+        from trainer.run.launch import Machines
+        from trainer.run.train import run_training
 
         machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
         if args.num_machines > 1 and not args.main_process_ip:
@@ -160,36 +160,36 @@ def main(argv: list[str] | None = None) -> int:
             args.config, resume=args.resume, run_dir=args.run_dir, machines=machines, overrides=args.overrides
         )
     if args.command == "estimate":
-        from trainer.estimate import estimate_command
+        from trainer.plan.estimate import estimate_command
 
         return estimate_command(args.config, args.gpu_memory)
     if args.command == "preflight":
-        from trainer.preflight import preflight_command
+        from trainer.plan.preflight import preflight_command
 
         return preflight_command(args.config, args.steps, args.status_dir)
     if args.command == "make-tiny-model":
-        from trainer.tiny_model import make_tiny_model
+        from trainer.model.tiny_model import make_tiny_model
 
         print(f"tiny model written to {make_tiny_model(args.out_dir)}")
         return 0
     if args.command == "prepare-model":
-        from trainer.builtin_models import prepare_command
+        from trainer.model.builtin_models import prepare_command
 
         return prepare_command(args.model_id, args.runs_dir)
     if args.command == "build-llama-cpp":
-        from trainer.llama_cpp_build import build_command
+        from trainer.export.llama_cpp import build_command
 
         return build_command(args.runs_dir, args.jobs)
     if args.command == "evaluate":
-        from trainer.evaluate import evaluate_command
+        from trainer.export.evaluate import evaluate_command
 
         return evaluate_command(args.run_dir, args.data, args.max_new_tokens, args.limit, args.status_dir)
     if args.command == "export":
-        from trainer.export import export_command
+        from trainer.export.job import export_command
 
         return export_command(args)
     if args.command == "bench":
-        from trainer.bench import bench_command
+        from trainer.bench.bench import bench_command
 
         return bench_command(args)
     return 2

@@ -56,21 +56,12 @@ def failure(kind: Kind, message: str) -> Failure:
 
 
 def classify(exc: BaseException, message: str) -> Failure:
-    """The failure kind of an exception a job process caught."""
-    from trainer.config import ConfigError
-    from trainer.data_files import DataError
-
+    """The failure kind of an exception a job process caught. The workbench's own errors carry theirs
+    (`failure_kind`: ConfigError, DataError, AdapterError, ExportError), so this contract imports no stage."""
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return failure("oom", message)
-    if isinstance(exc, DataError):
-        return failure("data", message)
-    if isinstance(exc, ConfigError):
-        model = bool(exc.problems) and all(p.startswith("model.") for p in exc.problems)
-        return failure("model" if model else "config", message)
-    if type(exc).__name__ == "AdapterError":  # the adapter or its base could not be loaded
-        return failure("model", message)
-    if type(exc).__name__ == "ExportError":  # a written export failed its check
-        return failure("check", message)
+    if (kind := getattr(exc, "failure_kind", None)) in HINTS:
+        return failure(kind, message)
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if full or "No space left on device" in message:  # libraries that wrap the OSError keep its text
         return failure("disk", message)

@@ -1,0 +1,1 @@
+"""`lora-workbench bench`: the workbench against plain TRL, and its report."""

@@ -1,0 +1,1 @@
+"""Chatting with a base and its adapters: the engine and the sources it offers."""

@@ -1,0 +1,1 @@
+"""Data files, their formats, tokenization with the label mask, preparation, uploads and the preview."""

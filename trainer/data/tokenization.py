@@ -1,0 +1,110 @@
+"""Examples -> token ids and labels: the chat template renders, only assistant tokens are trained.
+
+Written here rather than left to TRL so that masks, truncation counts and dropped rows are known before
+training (and shown in the UI's preview). Assistant spans are found by rendering the conversation up to
+each assistant turn: the text between "prompt so far + generation prompt" and "conversation through this
+turn" is that turn's answer, end-of-turn token included, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.data.formats import Example
+
+IGNORE_INDEX = -100
+# ChatML, used when neither the tokenizer nor the config provides a chat template.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render a row the way training needs."""
+
+
+@dataclass
+class TokenizedRow:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenizeReport:
+    rows: int = 0
+    truncated: int = 0
+    dropped_overlength: int = 0
+    dropped_no_trainable: int = 0
+    lengths: list[int] = field(default_factory=list)  # untruncated token counts, for histograms
+    trainable_tokens: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows} rows: {self.truncated} truncated to max_length, {self.dropped_overlength} dropped as "
+            f"too long, {self.dropped_no_trainable} dropped with no trainable tokens left; "
+            f"{self.trainable_tokens} trainable tokens"
+        )
+
+
+def chat_template_of(tokenizer: Any, override: str | None) -> str:
+    return override or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+
+
+def render_with_spans(tokenizer: Any, messages: list[dict], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant answers."""
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
+
+    try:
+        full = render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            # Some templates add end-of-text only after the last turn (Phi-3): the answer ends where the
+            # rendering through this turn stops agreeing with the whole conversation.
+            end = len(os.path.commonprefix([through, full]))
+            if not (through.startswith(before) and full.startswith(before) and end > len(before)):
+                raise TemplateError(
+                    f"the chat template does not render turn {i} as a prefix of the conversation "
+                    "(it rewrites earlier turns), so its answer cannot be located; use data.format text "
+                    "or another chat template"
+                )
+            spans.append((len(before), end))
+    except TemplateError:
+        raise
+    except Exception as e:  # jinja raises TemplateError/TypeError/... for rows the template rejects
+        raise TemplateError(f"the chat template cannot format this row: {e}") from None
+    return full, spans
+
+
+def tokenize_example(tokenizer: Any, example: Example, template: str) -> TokenizedRow:
+    """Token ids and labels (-100 outside assistant answers) of one canonical example."""
+    if "text" in example:
+        ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        return TokenizedRow(ids, list(ids))
+    text, spans = render_with_spans(tokenizer, example["messages"], template)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        tok if any(start < e and end > s for s, e in spans) else IGNORE_INDEX  # overlap: a token may straddle
+        for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    return TokenizedRow(enc["input_ids"], labels)
+
+
+def apply_overlength(row: TokenizedRow, max_length: int, policy: str) -> TokenizedRow | None:
+    """Truncate (or drop) a row longer than max_length; None means drop."""
+    if len(row.input_ids) <= max_length:
+        return row
+    if policy == "drop":
+        return None
+    return TokenizedRow(row.input_ids[:max_length], row.labels[:max_length])

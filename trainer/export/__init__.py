@@ -1,0 +1,1 @@
+"""After a run: merge and export (safetensors, GGUF), their checks, and evaluation."""

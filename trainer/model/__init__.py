@@ -1,0 +1,1 @@
+"""Loading the base (bitsandbytes), the PEFT adapter config, the device plan, built-in models, checks."""

@@ -1,0 +1,1 @@
+"""Before a run: the memory estimate and the pre-flight that measures a few real steps."""
