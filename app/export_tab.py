@@ -4,13 +4,13 @@ its own progress, log and fidelity numbers), or download the adapter alone."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from app.context import AppContext
+from app.live_views import POKE_CLASS, LiveView, LiveViews
 from trainer.chat.adapter_source import AdapterError
 from trainer.config.run_config import ConfigError
 from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
@@ -105,12 +105,6 @@ def export_key(ctx: AppContext, job_id: str | None) -> tuple | None:
     return job.id, job.state, job.error, file_stamp(log_file(job)), *(file_stamp(f) for f in files)
 
 
-def export_due(ctx: AppContext, job_id: str | None, seen: tuple | None) -> Any:
-    """The tab's timer tick: gr.skip() while the job's files are as shown, else a new value for the `due` state,
-    whose change runs export_update (an idle tick reads no log and builds nothing)."""
-    return gr.skip() if export_key(ctx, job_id) == seen else time.time()
-
-
 def export_update(ctx: AppContext, job_id: str | None, seen: tuple | None) -> list[Any]:
     """(progress, log tail, result, key), or gr.skip() for each of the first three when the key is the one shown."""
     key = export_key(ctx, job_id)
@@ -120,7 +114,7 @@ def export_update(ctx: AppContext, job_id: str | None, seen: tuple | None) -> li
 
 
 # --- layout -----------------------------------------------------------------------------------------------------
-def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+def build_export_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
     gr.Markdown(
         "### Export a merged model\nThe adapter is merged into its base and saved as a plain transformers model "
         "(safetensors shards + index, config, generation config, tokenizer with its chat template, model card). "
@@ -163,9 +157,10 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     progress = gr.Markdown(elem_id="export-progress")
     result = gr.Markdown(elem_id="export-result")
     log = gr.Code(language=None, label="job.log", elem_id="export-log", max_lines=30)
-    timer = gr.Timer(2.0)
     seen = gr.State(None)  # the key of what this page shows (export_key)
-    due = gr.State(None)  # set by a tick that found a change; its change redraws
+    # clicked by the page's poller when the job's stamp changed (app/live_views.py)
+    poke = gr.Button("Redraw", elem_id="export-poke", elem_classes=POKE_CLASS)
+    live.add(LiveView("export", "tab-export", "export-poke", "export-job", 2.0, lambda j: export_key(ctx, j)))
 
     def refresh_choices(current: str | None):
         choices = adapter_choices(ctx.jobs_newest_first())
@@ -191,16 +186,11 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         outputs=[message, job],
     )
 
-    timer.tick(
-        lambda job_id, shown: export_due(ctx, job_id, shown),
-        inputs=[job, seen],
-        outputs=due,
-        **BACKGROUND,
-    )
-    due.change(
+    poke.click(
         lambda job_id, shown: export_update(ctx, job_id, shown),
         inputs=[job, seen],
         outputs=[progress, log, result, seen],
+        trigger_mode="always_last",
         **BACKGROUND,
     )
     job.change(lambda j: export_update(ctx, j, ()), inputs=job, outputs=[progress, log, result, seen])  # (): redraw

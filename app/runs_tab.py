@@ -3,7 +3,6 @@ adapter zip, rename, delete)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import gradio as gr
 
 from app import plots
 from app.context import AppContext
+from app.live_views import POKE_CLASS, LiveView, LiveViews
 from app.log_widget import log_box
 from trainer.jobs.log_view import log_view
 from trainer.jobs.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
@@ -128,13 +128,6 @@ def table_update(ctx: AppContext, last: Any, selected: str | None) -> tuple[Any,
     return rows, gr.CheckboxGroup(choices=ids), gr.Dropdown(choices=ids, value=value), rows
 
 
-def runs_due(ctx: AppContext, table_seen: Any, opened: str | None, eval_seen: tuple | None) -> tuple[Any, Any]:
-    """The tab's timer tick: a new value for the table's and the evaluation's `due` state where what they show
-    changed, gr.skip() where not (their changes run table_update / eval_update: an idle tick builds nothing)."""
-    table = gr.skip() if table_rows(ctx) == table_seen else time.time()
-    return table, gr.skip() if eval_key(ctx, opened) == eval_seen else time.time()
-
-
 def not_listed_md(lines: list[str]) -> str:
     """The run dirs the server found at startup but could not read: named with the reason, never deleted."""
     if not lines:
@@ -143,7 +136,7 @@ def not_listed_md(lines: list[str]) -> str:
     return f"**Not listed** (found in the runs dir at startup, unreadable; left as they are):\n{shown}"
 
 
-def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+def build_runs_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
     with gr.Row():
         refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="runs-table", label="All runs")
@@ -197,22 +190,20 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
             delete = gr.Button("Delete run", variant="stop", elem_id="delete-btn")
     note = gr.Markdown(elem_id="runs-note")
     seen, eval_seen = gr.State(None), gr.State(None)  # what this page shows: the rows, the evaluation's key
-    table_due, eval_due = gr.State(None), gr.State(None)  # set by a tick that found a change; their change redraws
-    timer = gr.Timer(3.0)
+    # clicked by the page's poller when the table's or the evaluation's stamp changed (app/live_views.py)
+    table_poke = gr.Button("Redraw", elem_id="runs-poke", elem_classes=POKE_CLASS)
+    eval_poke = gr.Button("Redraw", elem_id="eval-poke", elem_classes=POKE_CLASS)
+    live.add(LiveView("runs", "tab-runs", "runs-poke", None, 3.0, lambda _: table_rows(ctx)))
+    live.add(LiveView("evaluation", "tab-runs", "eval-poke", "open-run", 3.0, lambda r: eval_key(ctx, r)))
 
     outputs = [table, picks, opened, seen]
     refresh.click(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=outputs)
     demo.load(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=outputs)
-    timer.tick(
-        lambda last, run_id, last_eval: runs_due(ctx, last, run_id, last_eval),
-        inputs=[seen, opened, eval_seen],
-        outputs=[table_due, eval_due],
-        **BACKGROUND,
-    )
-    table_due.change(
+    table_poke.click(
         lambda last, selected: table_update(ctx, last, selected),
         inputs=[seen, opened],
         outputs=outputs,
+        trigger_mode="always_last",
         **BACKGROUND,
     )
 
@@ -220,10 +211,11 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext) -> None:
     opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=[config, log, card])
     eval_outputs = [eval_progress, eval_table, eval_plot, eval_answers, eval_seen]
     opened.change(lambda r: eval_update(ctx, r, ()), inputs=opened, outputs=eval_outputs)  # (): not a key, redraws
-    eval_due.change(
+    eval_poke.click(
         lambda r, last: eval_update(ctx, r, last),
         inputs=[opened, eval_seen],
         outputs=eval_outputs,
+        trigger_mode="always_last",
         **BACKGROUND,
     )
     evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=eval_note)

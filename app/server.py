@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 from app.chat_tab import build_chat_tab
 from app.context import DEFAULT_EXAMPLE, AppContext
 from app.export_tab import build_export_tab
+from app.live_views import POKE_CLASS, LiveViews, StampRoute
 from app.log_widget import FOLLOW_NEWEST_JS
 from app.login_guard import LoginGuard
 from app.runs_tab import build_runs_tab
@@ -28,14 +29,18 @@ from trainer.jobs.runs_lock import LOCK_NAME, RunsDirBusy, hold_runs_dir
 from trainer.model.builtin_models import cache_root
 
 AUTH_ENV = "LORA_WORKBENCH_AUTH"  # USER:PASS
-CSS = ".lwb-progress{margin:4px 0 8px} #estimate{min-height:3em} .lwb-log textarea{font-family:monospace}"
+CSS = (
+    ".lwb-progress{margin:4px 0 8px} #estimate{min-height:3em} .lwb-log textarea{font-family:monospace} "
+    f".{POKE_CLASS}{{display:none !important}}"
+)
 
 
 class LaunchError(ValueError):
     """The server refuses to start as asked (e.g. a public address without credentials)."""
 
 
-def build_app(ctx: AppContext) -> gr.Blocks:
+def build_app(ctx: AppContext, live: LiveViews) -> gr.Blocks:
+    """The page; each tab registers its live views (app/live_views.py) in `live` while it is laid out."""
     with gr.Blocks(title="LoRA Workbench", analytics_enabled=False) as demo:
         gr.Markdown(
             "## LoRA Workbench\nFine-tune an LLM with LoRA / QLoRA from the browser. Runs live in "
@@ -43,13 +48,13 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                build_train_tab(demo, ctx)
+                build_train_tab(demo, ctx, live)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
-                build_runs_tab(demo, ctx)
+                build_runs_tab(demo, ctx, live)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 build_chat_tab(demo, ctx)
             with gr.Tab("Export", id="export", elem_id="tab-export"):
-                build_export_tab(demo, ctx)
+                build_export_tab(demo, ctx, live)
     return demo
 
 
@@ -123,10 +128,16 @@ def served_files(runs_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def guarded_app_kwargs(auth: tuple[str, str] | None) -> dict[str, Any] | None:
-    """With auth on, the login guard wraps Gradio's routes: only the login page before login, slower wrong
-    passwords (app/login_guard.py)."""
-    return {"middleware": [Middleware(LoginGuard)]} if auth else None
+def app_kwargs(auth: tuple[str, str] | None, live: LiveViews) -> dict[str, Any]:
+    """The stamp route of the live views (app/live_views.py) before Gradio's routes; with auth on, the login guard
+    around both: only the login page before login, slower wrong passwords (app/login_guard.py)."""
+    guard = [Middleware(LoginGuard)] if auth else []
+    return {"middleware": [*guard, Middleware(StampRoute, live=live)]}
+
+
+def page_js(live: LiveViews) -> str:
+    """The page's one script: its log boxes follow the newest line, and its live views ask for their stamps."""
+    return f"() => {{ ({FOLLOW_NEWEST_JS})(); ({live.script()})(); }}"
 
 
 def prepare_default_model(ctx: AppContext) -> None:
@@ -173,7 +184,8 @@ def serve(
     manager.start()
     ctx = AppContext(runs_dir=root, manager=manager, example=example, data_dirs=[Path(d) for d in data_dirs or []])
     prepare_default_model(ctx)
-    demo = build_app(ctx)
+    live = LiveViews()
+    demo = build_app(ctx, live)
     demo.queue(default_concurrency_limit=4)
     import_model_libraries()
     # uvicorn believes X-Forwarded-For from loopback by default, so anyone on this host (or through an SSH tunnel)
@@ -191,8 +203,8 @@ def serve(
             max_file_size=f"{UPLOAD_LIMIT_MB}mb",
             ssr_mode=False,
             css=CSS,
-            js=FOLLOW_NEWEST_JS,
-            app_kwargs=guarded_app_kwargs(auth),
+            js=page_js(live),
+            app_kwargs=app_kwargs(auth, live),
         )
     finally:
         manager.shutdown()  # running jobs go on; the next server re-attaches them

@@ -4,7 +4,6 @@ preview, Start/Stop with the queue position, and the live monitor of the watched
 from __future__ import annotations
 
 import html
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import gradio as gr
 
 from app import plots
 from app.context import AppContext
+from app.live_views import POKE_CLASS, LiveView, LiveViews
 from app.log_widget import log_box
 from app.widgets import make_field, make_widget
 from trainer.config.form import (
@@ -51,7 +51,7 @@ PREVIEW_PATHS = (
     "hardware.num_gpus",
 )
 BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait
-MONITOR_OUTPUTS = ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen", "timer")
+MONITOR_OUTPUTS = ("run", "progress", "error", "loss", "optim", "speed", "memory", "log", "seen")
 START_ROW = {"output.run_name"}  # shown next to Start rather than in its group
 COLORS = {TRAINED: "#16a34a", PROMPT: "#cbd5e1", CUT: "#f87171"}
 
@@ -235,8 +235,11 @@ def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None) -
     )
 
 
-FAST_S, IDLE_S = 0.5, 5.0  # monitor refresh: while a job is queued/running, and otherwise
-UNSEEN = {"ids": None, "run": None, "drawn": {}, "interval": None}  # a page that has drawn nothing yet
+FAST_S, IDLE_S = (
+    0.5,
+    5.0,
+)  # how often a page asks for the monitor's stamp: while a job is queued/running, and otherwise
+UNSEEN = {"ids": None, "run": None, "drawn": {}}  # a page that has drawn nothing yet
 _NEVER = object()  # the key of an output a page has not drawn
 
 
@@ -247,7 +250,6 @@ class MonitorNow:
 
     run_id: str | None
     ids: list[str]
-    interval: float
     watch: RunWatch | None
     queue_pos: int | None
     keys: dict[str, Any]
@@ -256,12 +258,11 @@ class MonitorNow:
 def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
     jobs = ctx.jobs_newest_first()
     ids = [j.id for j in jobs]
-    interval = FAST_S if any(j.state in ("queued", "running") for j in jobs) else IDLE_S
     run_id = run_id or ctx.run_to_watch()  # a page watching nothing follows the first run that appears
     job = next((j for j in jobs if j.id == run_id), None)
-    keys: dict[str, Any] = {"run": (tuple(ids), run_id), "timer": interval}
+    keys: dict[str, Any] = {"run": (tuple(ids), run_id)}
     if job is None:
-        return MonitorNow(run_id, ids, interval, None, None, {**keys, "progress": None, "error": None})
+        return MonitorNow(run_id, ids, None, None, {**keys, "progress": None, "error": None})
     watch = ctx.watchers.get(Path(job.run_dir))  # one shared, rate-limited poll of the run's files
     queue_pos = ctx.manager.queue_position(run_id) if job.state == "queued" else None
     failed = watch.status.get("state") == "failed"
@@ -271,24 +272,27 @@ def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
         log=(run_id, watch.log_stamp),
         **{name: (run_id, *watch.data_key(*kinds)) for name, (_, kinds) in plots.MONITOR_CHARTS.items()},
     )
-    return MonitorNow(run_id, ids, interval, watch, queue_pos, keys)
+    return MonitorNow(run_id, ids, watch, queue_pos, keys)
 
 
-def monitor_due(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> Any:
-    """The timer's tick: gr.skip() when the page shows all there is (nothing built, nothing sent), else a new
-    value for the page's `due` state, whose change runs monitor_update. Ticking through one small state is what
-    keeps an idle tick cheap: each skipped output of a tick still costs Gradio a component rebuild (~0.5 ms)."""
-    return gr.skip() if monitor_now(ctx, run_id).keys == seen.get("drawn") else time.time()
+def monitor_keys(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
+    """The monitor's live-view keys (app/live_views.py): what a page drew at these keys is all there is to show."""
+    return monitor_now(ctx, run_id).keys
+
+
+def monitor_poll_s(ctx: AppContext) -> float:
+    """How soon a page asks again: often while a job is queued or running, seldom otherwise."""
+    return FAST_S if any(j.state in ("queued", "running") for j in ctx.jobs_newest_first()) else IDLE_S
 
 
 def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
     """Everything the monitor shows, or gr.skip() where the page already shows it.
-    Outputs (MONITOR_OUTPUTS): run dropdown, progress, error panel, 4 plots, log, seen-state, timer."""
+    Outputs (MONITOR_OUTPUTS): run dropdown, progress, error panel, 4 plots, log, seen-state."""
     now = monitor_now(ctx, run_id)
     drawn = seen.get("drawn") or {}
     due = [name for name, key in now.keys.items() if drawn.get(name, _NEVER) != key]
     out: dict[str, Any] = {name: gr.skip() for name in MONITOR_OUTPUTS}
-    out["seen"] = {"ids": now.ids, "run": now.run_id, "drawn": now.keys, "interval": now.interval}
+    out["seen"] = {"ids": now.ids, "run": now.run_id, "drawn": now.keys}
     for name in due:
         out[name] = _monitor_output(name, now)
     return [out[name] for name in MONITOR_OUTPUTS]
@@ -299,8 +303,6 @@ def _monitor_output(name: str, now: MonitorNow) -> Any:
     watch = now.watch
     if name == "run":
         return gr.Dropdown(choices=now.ids, value=now.run_id)
-    if name == "timer":
-        return gr.Timer(value=now.interval)
     if watch is None:
         idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
         return idle if name == "progress" else gr.Markdown(visible=False)
@@ -325,7 +327,7 @@ def start_and_watch(ctx: AppContext, values: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- layout and wiring ------------------------------------------------------------------------------------
-def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
     values, example_edits = default_form(str(ctx.runs_dir), ctx.example)
     shown = shown_fields(values)
     suggestions = _suggestions(ctx)
@@ -476,16 +478,22 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         preflight_tick, inputs=preflight_job, outputs=[preflight_out, preflight_timer], show_progress="hidden"
     )
 
-    monitor["timer"].tick(  # cheap: one small state out, and only when something changed (monitor_due)
-        lambda run_id, seen: monitor_due(ctx, run_id, seen),
-        inputs=[monitor["run"], monitor["seen"]],
-        outputs=monitor["due"],
-        **BACKGROUND,
+    live.add(
+        LiveView(
+            "train",
+            "tab-train",
+            "monitor-poke",
+            "watch-run",
+            FAST_S,
+            lambda r: monitor_keys(ctx, r),
+            lambda: monitor_poll_s(ctx),
+        )
     )
-    monitor["due"].change(
+    monitor["poke"].click(  # the poller clicks it when the monitor's stamp changed (app/live_views.py)
         lambda run_id, seen: monitor_update(ctx, run_id, seen),
         inputs=[monitor["run"], monitor["seen"]],
         outputs=outs,
+        trigger_mode="always_last",  # a change while a redraw is on its way is drawn after it, never dropped
         **BACKGROUND,
     )
     # A run picked by hand is drawn in the same reply, so its name and its plots change together.
@@ -501,7 +509,7 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         ids = [j.id for j in ctx.jobs_newest_first()]
         return (
             gr.Dropdown(choices=ids, value=run_id),
-            {"ids": ids, "run": run_id, "drawn": {"run": (tuple(ids), run_id), "timer": FAST_S}, "interval": FAST_S},
+            {"ids": ids, "run": run_id, "drawn": {"run": (tuple(ids), run_id)}},
             estimate_md(ctx, as_values(a)),
             *preview_outputs(ctx, as_values(a)),
         )
@@ -555,7 +563,6 @@ def _monitor_block() -> dict[str, Any]:
         "speed": speed,
         "memory": memory,
         "log": log,
-        "seen": gr.State({**UNSEEN, "interval": FAST_S}),  # what this page shows: a key per output
-        "due": gr.State(None),  # set by a tick that found something new; its change redraws
-        "timer": gr.Timer(FAST_S),
+        "seen": gr.State(dict(UNSEEN)),  # what this page shows: a key per output
+        "poke": gr.Button("Redraw", elem_id="monitor-poke", elem_classes=POKE_CLASS),  # clicked by the page's poller
     }

@@ -1,5 +1,5 @@
 """What watching a run costs: training throughput with 0, 1 and 10 pages watching it, the UI server's CPU per
-timer tick, and the latency from a metrics.jsonl line being written to its point in the page's loss chart.
+live-view poll, and the latency from a metrics.jsonl line being written to its point in the page's loss chart.
 
     python benchmarks/ui_latency.py                                   # the real model, 0 / 1 / 10 pages
     python benchmarks/ui_latency.py --config examples/smollm2-persona.yaml --config examples/tiny-lora.yaml=200
@@ -7,7 +7,8 @@ timer tick, and the latency from a metrics.jsonl line being written to its point
     python benchmarks/ui_latency.py --browser-nice 19 --browser-idle  # the pages' Chromium only on idle cores
     python benchmarks/ui_latency.py --ticks-only                      # the per-tick CPU table alone (no browser)
 
-Real parts only. The tick table calls each timer's event through Gradio's own process_api in this process (input
+Real parts only. The poll table asks each live view's stamp (app/live_views.py) and, when it changed, fires the
+redraw its page's poller clicks through Gradio's own process_api in this process (input
 preprocessing, the handler, output postprocessing, then the redraw its state change triggers, as the page does),
 on a registered run whose metrics.jsonl grows, timing each with time.process_time: no HTTP, no browser. The pages
 table runs the `lora-workbench ui` server, queues the run on its job queue (the registry the page submits to), and
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 
-# Each page notes when every step first shows in its loss chart (25 ms resolution: a finer poll costs the browser
+# Each page notes when every step first shows in its loss chart (100 ms resolution: a finer poll costs the browser
 # CPU that, on a small machine, the training run would miss).
 RECORDER_JS = """() => {
   window.__seen = {};
@@ -44,7 +45,7 @@ RECORDER_JS = """() => {
     if (!d || !d.x) return;
     const now = Date.now() / 1000;
     for (const s of d.x) if (!(s in window.__seen)) window.__seen[s] = now;
-  }, 25);
+  }, 100);
 }"""
 RUN_OVERRIDES = ["training.logging_steps=1", "training.eval_steps=1000000", "training.save_steps=1000000"]
 
@@ -75,7 +76,7 @@ def _growing_run(runs: Path):
 
 
 class Page:
-    """One browser session as the server sees it: its state, and each timer event fired as its page fires it."""
+    """One browser session as the server sees it: its state, and each event fired as its page fires it."""
 
     loop = asyncio.new_event_loop()  # one loop for every call, as in the server: its worker threads are reused
 
@@ -100,41 +101,53 @@ class Page:
 
 
 def tick_costs(history: int = 500) -> list[tuple[str, float, float, float]]:
-    """(timer, ms per tick that finds nothing new, ms per tick + redraw after one new step, the same per page
-    when ten pages watch) for each timer of the page."""
+    """(live view, ms per stamp request that finds nothing new, ms per stamp + redraw after one new step, the same
+    per page when ten pages watch) for each live view of the page (app/live_views.py)."""
+    from app.live_views import LiveViews
     from app.server import build_app
 
     ctx, step = _growing_run(Path(tempfile.mkdtemp(prefix="lwb-ticks-")) / "runs")
     for n in range(1, history + 1):
         step(n)
-    demo = build_app(ctx)
+    live = LiveViews()
+    demo = build_app(ctx, live)
     values = {"watch-run": "watched", "open-run": "watched", "export-job": None}
-    timers = {"Train monitor": "watch-run", "Runs tab": "runs-table", "Export tab": "export-progress"}
     rows, n = [], history
     pages = [Page(demo) for _ in range(10)]
-    for name, elem_id in timers.items():
-        fn = next(f for f in demo.fns.values() if ("tick" in {t[1] for t in f.targets}) and _drives(demo, f, elem_id))
+
+    def ask(view) -> tuple[float, str]:
+        start = time.process_time()
+        answer = live.answer(view.name, values.get(view.key_from) if view.key_from else None)
+        return time.process_time() - start, answer["stamp"]
+
+    def poll(view, page: Page, last: str) -> tuple[float, str]:
+        """What one page's poll costs: the stamp, and the redraw its poller clicks when the stamp changed."""
+        cpu, stamp = ask(view)
+        return cpu + (page.fire(fn, values) if stamp != last else 0.0), stamp
+
+    for view in live.views.values():
+        fn = next(f for f in demo.fns.values() if ("click" in {t[1] for t in f.targets}) and _clicks(demo, f, view))
         for page in pages:  # the first draws (a dropdown takes a value once a redraw gave it its choices)
             for shown in ({}, {}, values, values):
                 page.fire(fn, shown)
-        idle = [pages[0].fire(fn, values) for _ in range(30)]
-        new = []
+        idle = [ask(view)[0] for _ in range(30)]
+        new, last = [], ask(view)[1]
         for _ in range(10):
             n += 1
             step(n)
-            new.append(pages[0].fire(fn, values))
+            cpu, last = poll(view, pages[0], last)
+            new.append(cpu)
         n += 1
         step(n)
-        ten = sum(page.fire(fn, values) for page in pages) / len(pages)
-        rows.append((name, 1000 * statistics.median(idle), 1000 * statistics.median(new), 1000 * ten))
+        ten = sum(poll(view, page, last)[0] for page in pages) / len(pages)
+        rows.append((view.name, 1000 * statistics.median(idle), 1000 * statistics.median(new), 1000 * ten))
     return rows
 
 
-def _drives(demo, tick, elem_id: str) -> bool:
-    """The tick whose redraw (through the state it sets) has the element with elem_id among its outputs."""
-    outs = {o._id for o in tick.outputs if o.stateful}
-    redraws = [f for f in demo.fns.values() if any((i, "change") in f.targets for i in outs)]
-    return any(getattr(o, "elem_id", None) == elem_id for f in redraws for o in [*f.outputs, *f.inputs])
+def _clicks(demo, fn, view) -> bool:
+    """The event the view's hidden redraw button runs."""
+    poke = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == view.poke)
+    return (poke._id, "click") in fn.targets
 
 
 # --- pages watching a real run -------------------------------------------------------------------------------
@@ -252,8 +265,12 @@ def main() -> None:
     args = ap.parse_args()
     load = os.getloadavg()
     print(f"\nUI cost on {platform.node()} ({psutil.cpu_count()} CPUs, {platform.platform()}), load {load[0]:.1f}")
-    print("\nServer CPU per timer tick, through Gradio's process_api in this process (HTTP transport not included)\n")
-    print("| timer | tick, nothing new | tick + redraw, one new step | the same, per page of ten |\n|---|---|---|---|")
+    print(
+        "\nServer CPU per live-view poll: the stamp (app/live_views.py) and, when it changed, the redraw through "
+        "Gradio's process_api, in this process (HTTP transport not included)\n"
+    )
+    print("| live view | stamp, nothing new | stamp + redraw, one new step | the same, per page of ten |")
+    print("|---|---|---|---|")
     for name, idle, new, ten in tick_costs():
         print(f"| {name} | {idle:.2f} ms | {new:.2f} ms | {ten:.2f} ms |")
     if args.ticks_only:

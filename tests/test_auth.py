@@ -51,7 +51,8 @@ def test_before_login_only_the_login_page_is_served(server: Server) -> None:
     assert config["auth_required"] is True and config["components"] == []
     assert api_info == {}, "the login page must not carry the app's API schema"
     assert APP_TEXT not in page.text
-    for path in ("config", "gradio_api/info", "gradio_api/runs", "gradio_api/app_id", "gradio_api/user"):
+    paths = ("config", "gradio_api/info", "gradio_api/runs", "gradio_api/app_id", "gradio_api/user", "lwb-stamp/train")
+    for path in paths:
         assert httpx.get(server.url + path).status_code == 401, path
     assert httpx.get(server.url + "theme.css").status_code == 200  # what the login page itself needs
 
@@ -64,6 +65,7 @@ def test_a_correct_login_gets_the_full_page(server: Server) -> None:
         assert APP_TEXT in page.text and config["components"]
         assert api_info["named_endpoints"]
         assert client.get("config").status_code == 200
+        assert set(client.get("lwb-stamp/train?key=").json()) == {"stamp", "next"}  # the page's poller, signed in
 
 
 def test_wrong_passwords_make_the_address_wait_longer_each_time(server: Server) -> None:

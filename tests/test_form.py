@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from app.context import AppContext
+from app.live_views import LiveViews
 from app.train_tab import build_train_tab, monitor_update, preview_outputs, start_and_watch, upload_outputs
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, Server
 from trainer.config.form import (
@@ -123,7 +124,7 @@ def test_the_data_preview_reruns_when_the_model_or_steps_change(ctx: AppContext)
     """The preview depends on the model (tokenizer, template) and the step count: a change to them, typed or set by
     a preset (`.change` fires for both), refreshes it."""
     with gr.Blocks() as demo:
-        build_train_tab(demo, ctx)
+        build_train_tab(demo, ctx, LiveViews())
     verdict = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "data-verdict")
     triggers = {
         (demo.blocks[t[0]].elem_id, t[1])
@@ -159,7 +160,7 @@ def test_method_only_fields_show_only_for_their_method() -> None:
 
 def test_the_page_toggles_method_fields_when_the_method_or_recipe_changes(ctx: AppContext) -> None:
     with gr.Blocks() as demo:
-        build_train_tab(demo, ctx)
+        build_train_tab(demo, ctx, LiveViews())
     ids = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     boxes = {"f-adapter-init_r-box", "f-adapter-loftq_bits-box", "f-quantization-double_quant-box"}
     assert not any(ids[b].visible for b in boxes)  # the tiny LoRA example: no AdaLoRA, LoftQ or 4-bit knobs

@@ -227,3 +227,20 @@ def test_a_failing_side_job_is_failed_with_its_message(tmp_path: Path, manager: 
     assert "no-such-run" in read_status(Path(job.run_dir))["error"]
     with pytest.raises(ValueError, match="unknown job kind"):
         manager.submit_side_job("rm", ["-rf"])
+
+
+def test_a_forced_kill_reaches_a_launcher_in_a_session_of_its_own() -> None:
+    """A multi-process run's `accelerate launch` runs in its own session (trainer/run/launch.py): the kill after
+    the grace period must reach it and its ranks, not only the job's process group."""
+    from trainer.jobs.queue import _kill_tree
+
+    parent = subprocess.Popen(["sh", "-c", "setsid sleep 300 & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (launcher,) = psutil.Process(parent.pid).children()
+    assert os.getsid(launcher.pid) != os.getsid(parent.pid)  # out of reach of the group signal
+    _kill_tree(parent.pid)
+    parent.wait(timeout=10)
+    launcher.wait(timeout=10)
+    assert not launcher.is_running()

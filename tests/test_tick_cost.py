@@ -1,6 +1,7 @@
-"""What a page's timer tick does on the server: a tick that finds nothing new rebuilds and re-reads nothing, a new
-metrics line redraws only the charts it feeds, and ten pages watching one run share one reader and one build of
-each chart (benchmarks/ui_latency.py measures what that costs)."""
+"""What a page's live views cost the server: a stamp that finds nothing new reads nothing again and changes not, a
+redraw after a new metrics line sends only the charts it feeds, ten pages watching one run share one reader and
+one build of each chart, and the stamp route answers the page's poller before Gradio (app/live_views.py;
+benchmarks/ui_latency.py measures what that costs)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from app import export_tab, runs_tab, train_tab
 from app.context import AppContext
+from app.live_views import LiveViews, StampRoute
+from app.server import build_app
 from trainer.jobs.monitor import Watchers
 from trainer.jobs.queue import JobManager
 from trainer.run_dir import RunDir
@@ -27,6 +35,18 @@ def ctx(tmp_path: Path) -> AppContext:
     ctx = AppContext(runs, JobManager(runs, max_running=0), example=None)  # nothing starts: the files are written here
     ctx.watchers = Watchers(min_interval_s=0)  # every tick sees the files as they are now
     return ctx
+
+
+@pytest.fixture
+def live(ctx: AppContext) -> LiveViews:
+    """The live views as the page registers them while it is built."""
+    views = LiveViews()
+    build_app(ctx, views)
+    return views
+
+
+def stamp(live: LiveViews, view: str, key: str | None) -> str:
+    return live.answer(view, key)["stamp"]
 
 
 def running_run(ctx: AppContext, steps: int = 5) -> RunDir:
@@ -50,32 +70,34 @@ def points(plot: gr.components.plot.PlotData, trace: int = 0) -> list:
 
 
 def drawn(out: list) -> set[str]:
-    return {name for name in OUT if name not in ("seen", "timer") and out[OUT[name]] != SKIP}
+    return {name for name in OUT if name != "seen" and out[OUT[name]] != SKIP}
 
 
-def test_a_tick_that_finds_nothing_new_draws_and_reads_nothing(ctx: AppContext) -> None:
+def test_a_stamp_that_finds_nothing_new_reads_nothing_and_a_redraw_sends_nothing(
+    ctx: AppContext, live: LiveViews
+) -> None:
     run = running_run(ctx)
-    seen = dict(train_tab.UNSEEN)
-    assert train_tab.monitor_due(ctx, "r1", seen) != SKIP  # a page that has drawn nothing is due
-    out = train_tab.monitor_update(ctx, "r1", seen)
+    first = stamp(live, "train", "r1")
+    out = train_tab.monitor_update(ctx, "r1", dict(train_tab.UNSEEN))  # a page that has drawn nothing: everything
     assert drawn(out) == {"run", "progress", "error", *CHARTS, "log"} and points(out[OUT["loss"]]) == [1, 2, 3, 4, 5]
     seen = out[OUT["seen"]]
     watch = ctx.watchers.get(run.path)
     status, tail = watch.status, watch.tail
     for _ in range(3):
-        assert train_tab.monitor_due(ctx, "r1", seen) == SKIP
+        assert stamp(live, "train", "r1") == first  # the page's poller clicks nothing
         assert drawn(train_tab.monitor_update(ctx, "r1", seen)) == set()  # a redraw fired anyway rebuilds nothing
     assert watch.status is status  # status.json unchanged: not read again
     assert tail.bytes_read == run.metrics_file.stat().st_size  # every byte of metrics.jsonl read once
     run.close()
 
 
-def test_a_new_line_redraws_only_the_charts_it_feeds(ctx: AppContext) -> None:
+def test_a_new_line_changes_the_stamp_and_redraws_only_the_charts_it_feeds(ctx: AppContext, live: LiveViews) -> None:
     run = running_run(ctx)
     seen = train_tab.monitor_update(ctx, "r1", dict(train_tab.UNSEEN))[OUT["seen"]]
+    before = stamp(live, "train", "r1")
 
     run.append_metric("system", 5, cpu_rss_gb=1.5)  # a memory sample alone
-    assert train_tab.monitor_due(ctx, "r1", seen) != SKIP
+    assert stamp(live, "train", "r1") != before
     out = train_tab.monitor_update(ctx, "r1", seen)
     assert drawn(out) == {"memory"} and json.loads(out[OUT["memory"]].plot)["data"][0]["y"] == [1.5]
     seen = out[OUT["seen"]]
@@ -95,20 +117,22 @@ def test_a_new_line_redraws_only_the_charts_it_feeds(ctx: AppContext) -> None:
         f.write("saving checkpoint-6\n")
     out = train_tab.monitor_update(ctx, "r1", seen)
     assert drawn(out) == {"log"} and out[OUT["log"]].endswith("saving checkpoint-6")
-    assert train_tab.monitor_due(ctx, "r1", out[OUT["seen"]]) == SKIP
+    after = stamp(live, "train", "r1")
+    assert stamp(live, "train", "r1") == after
+    assert drawn(train_tab.monitor_update(ctx, "r1", out[OUT["seen"]])) == set()
     run.close()
 
 
-def test_ten_pages_share_one_reader_and_one_build_of_each_chart(ctx: AppContext) -> None:
+def test_ten_pages_share_one_reader_and_one_build_of_each_chart(ctx: AppContext, live: LiveViews) -> None:
     run = running_run(ctx)
     pages = [train_tab.monitor_update(ctx, None, dict(train_tab.UNSEEN))[OUT["seen"]] for _ in range(10)]
     assert {page["run"] for page in pages} == {"r1"}  # each page found the running job by itself
+    before = stamp(live, "train", "r1")
     train_step(run, 6)
     with open(run.log_file, "a") as f:
         f.write("step 6\n")
-    outs = [
-        train_tab.monitor_update(ctx, "r1", seen) for seen in pages if train_tab.monitor_due(ctx, "r1", seen) != SKIP
-    ]
+    assert stamp(live, "train", "r1") != before  # every page's poller clicks its redraw
+    outs = [train_tab.monitor_update(ctx, "r1", seen) for seen in pages]
     assert len(outs) == 10 and all(points(out[OUT["loss"]])[-1] == 6 for out in outs)
     for name in ("loss", "optim", "speed", "log"):  # built once, the same object sent to every page
         assert len({id(out[OUT[name]]) for out in outs}) == 1, name
@@ -118,40 +142,68 @@ def test_ten_pages_share_one_reader_and_one_build_of_each_chart(ctx: AppContext)
     run.close()
 
 
-def test_the_runs_tab_tick_rebuilds_its_table_and_evaluation_only_on_change(ctx: AppContext) -> None:
+def test_the_runs_tab_rebuilds_its_table_and_evaluation_only_on_change(ctx: AppContext, live: LiveViews) -> None:
     run = running_run(ctx)
-    due = runs_tab.runs_due(ctx, None, "r1", None)
-    assert SKIP not in due  # nothing shown yet: the table and the evaluation are both due
+    table_stamp, eval_stamp = stamp(live, "runs", None), stamp(live, "evaluation", "r1")
     rows, *_, table_seen = runs_tab.table_update(ctx, None, "r1")
     assert rows[0][0] == "r1"
     *view, eval_seen = runs_tab.eval_update(ctx, "r1", None)
     assert view[1] == [] and view[2] is None  # no evaluation yet
-    assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen) == (SKIP, SKIP)
+    assert (stamp(live, "runs", None), stamp(live, "evaluation", "r1")) == (table_stamp, eval_stamp)
+    assert runs_tab.table_update(ctx, table_seen, "r1")[:3] == (SKIP,) * 3
     assert runs_tab.eval_update(ctx, "r1", eval_seen)[:4] == [SKIP] * 4
 
     result = {"rows": 2, "data": "held.jsonl", "base": {"exact_match": 0.0, "loss": 2.0, "perplexity": 7.4}}
     result["adapter"] = {"exact_match": 0.5, "loss": 1.0, "perplexity": 2.7}
     (run.path / "eval_results.json").write_text(json.dumps(result))
-    assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen)[0] == SKIP  # the table did not change
+    assert stamp(live, "runs", None) == table_stamp  # the table did not change
+    assert stamp(live, "evaluation", "r1") != eval_stamp
+    eval_stamp = stamp(live, "evaluation", "r1")
     *view, eval_seen = runs_tab.eval_update(ctx, "r1", eval_seen)
     assert [r[0] for r in view[1]] == ["base", "adapter"] and view[2] is not None
     train_step(run, 6)
-    assert runs_tab.runs_due(ctx, table_seen, "r1", eval_seen)[1] == SKIP  # the evaluation did not change
+    assert stamp(live, "evaluation", "r1") == eval_stamp  # the evaluation did not change
+    assert stamp(live, "runs", None) != table_stamp
     rows, picks, opened, _ = runs_tab.table_update(ctx, table_seen, "r1")
     assert rows[0][0] == "r1" and picks == opened == SKIP  # the same runs: their choices are not sent again
     run.close()
 
 
-def test_the_export_tab_tick_redraws_a_job_only_when_its_files_change(ctx: AppContext) -> None:
-    assert export_tab.export_due(ctx, None, None) == SKIP  # no job picked: nothing to draw, ever
+def test_the_export_tab_redraws_a_job_only_when_its_files_change(ctx: AppContext, live: LiveViews) -> None:
+    nothing = stamp(live, "export", None)
     job_id = ctx.manager.submit_side_job("export", ["--adapter", "x"], name="r1")
-    assert export_tab.export_due(ctx, job_id, None) != SKIP
+    assert stamp(live, "export", None) == nothing  # no job picked: nothing to draw, ever
+    shown = stamp(live, "export", job_id)
     *view, seen = export_tab.export_update(ctx, job_id, None)
     assert f"`{job_id}`: queued" in view[0]
-    assert export_tab.export_due(ctx, job_id, seen) == SKIP
+    assert stamp(live, "export", job_id) == shown
     assert export_tab.export_update(ctx, job_id, seen)[:3] == [SKIP] * 3
     job_dir = ctx.runs_dir / ".jobs" / job_id
     with open(job_dir / "job.log", "a") as f:
         f.write("merging\n")
-    assert export_tab.export_due(ctx, job_id, seen) != SKIP
+    assert stamp(live, "export", job_id) != shown
     assert export_tab.export_update(ctx, job_id, seen)[1] == "merging"
+
+
+def test_the_stamp_route_answers_the_poller_before_the_app(ctx: AppContext, live: LiveViews) -> None:
+    running_run(ctx)
+    inner = Starlette(routes=[Route("/{path:path}", lambda request: PlainTextResponse("the app"))])
+    client = TestClient(Starlette(routes=inner.routes, middleware=[Middleware(StampRoute, live=live)]))
+    answer = client.get("/lwb-stamp/train", params={"key": "r1"})
+    assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+    assert answer.json() == {"stamp": stamp(live, "train", "r1"), "next": train_tab.FAST_S}  # a job runs: fast
+    assert client.get("/lwb-stamp/train").json()["stamp"] == stamp(live, "train", None)  # no key: the page follows
+    assert client.get("/lwb-stamp/nope").status_code == 404
+    assert client.get("/config").text == "the app"
+
+
+def test_the_poller_names_parts_the_page_has(ctx: AppContext) -> None:
+    """Each view's tab, redraw button and key dropdown exist in the page, and each redraw is one of its events."""
+    views = LiveViews()
+    demo = build_app(ctx, views)
+    ids = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    clicks = {t[0] for f in demo.fns.values() for t in f.targets if t[1] == "click"}
+    script = views.script()
+    for view in views.views.values():
+        assert view.panel in ids and view.poke in ids and (view.key_from is None or view.key_from in ids), view
+        assert ids[view.poke]._id in clicks and f'"{view.poke}"' in script, view.name

@@ -22,7 +22,6 @@ import psutil
 from trainer.config.run_config import RunConfig
 from trainer.failure import Failure, died, failure
 from trainer.jobs.registry import Job, Registry
-from trainer.run.launch import train_argv
 from trainer.run.log_tee import CAPTURED_ENV
 from trainer.run_dir import FINAL_STATES, RunDir, StatusError, load_status, new_run_id, read_status, write_json_atomic
 
@@ -133,8 +132,8 @@ class JobManager:
 
     def _argv(self, job: Job) -> list[str]:
         """The job's command line: always a list (no shell), built from files this server wrote."""
-        if job.kind == "train":  # one process, or every rank through `accelerate launch` (trainer/run/launch.py)
-            return train_argv(Path(job.config_path), Path(job.run_dir))
+        if job.kind == "train":  # as on the command line: the trainer decides on `accelerate launch` itself
+            return [sys.executable, "-m", "trainer", "train", job.config_path]
         request = json.loads(Path(job.config_path).read_text(encoding="utf-8"))
         return [sys.executable, "-m", "trainer", job.kind, *request["args"], "--status-dir", job.run_dir]
 
@@ -256,7 +255,7 @@ class JobManager:
     def _force_kill(self, job_id: str) -> None:
         job = self.registry.get(job_id)
         if job is not None and job.state == "running" and (job.id in self._children or is_our_process(job)):
-            _signal_group(job.pid, signal.SIGKILL)
+            _kill_tree(job.pid)
             child = self._children.get(job_id)
             if child is not None:
                 child.wait(timeout=30)  # reap it: no zombie
@@ -328,6 +327,21 @@ class JobManager:
         self._stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _kill_tree(pid: int | None) -> None:
+    """SIGKILL a job's process group and everything below it: a multi-process run's `accelerate launch` runs in
+    a session of its own (trainer/run/launch.py), which the group signal does not reach."""
+    try:
+        below = psutil.Process(pid).children(recursive=True) if pid else []
+    except psutil.NoSuchProcess:
+        below = []
+    _signal_group(pid, signal.SIGKILL)
+    for proc in below:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _signal_group(pid: int | None, sig: int) -> None:

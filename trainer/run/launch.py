@@ -6,7 +6,9 @@
 
 The parent picks the run directory once and passes it to every rank (`--run-dir`); rank 0 alone writes the
 run's files. Without CUDA, accelerate's MULTI_GPU launcher (torch.distributed.run) starts the same ranks on the
-CPU with the gloo backend (`hardware.cpu_processes`, for testing the path): one code path for both.
+CPU with the gloo backend (`hardware.cpu_processes`, for testing the path): one code path for both. The job
+queue starts a run as this same `lora-workbench train RUN/config.yaml` process (trainer/jobs/queue.py), so a run
+has one process tree however it was started, and the server never counts GPUs itself.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config.paths import PRESETS_DIR
-from trainer.config.run_config import ConfigError, RunConfig
+from trainer.config.run_config import RunConfig
 from trainer.failure import died
 from trainer.model.device import process_problems
 from trainer.run_dir import FINAL_STATES, RunDir, read_status
@@ -137,24 +139,11 @@ def launch_problems(cfg: RunConfig) -> list[str]:
     return process_problems(cfg, *visible_gpus())
 
 
-def train_argv(config: Path, run_dir: Path) -> list[str]:
-    """A queued run's command (the job queue's): one process, or every rank through accelerate."""
-    from trainer.config.presets import load_config
-
-    plain = [sys.executable, "-m", "trainer", "train", str(config)]
-    try:
-        cfg = load_config(config)
-    except ConfigError:
-        return plain  # the trainer itself reports the bad config in the run's status
-    if not wants_launcher(cfg) or launch_problems(cfg):
-        return plain  # one process, or one that fails in its hardware check naming the field
-    return launch_argv(cfg, config, run_dir)
-
-
 def start_ranks(
     cfg: RunConfig, run: RunDir, resume: bool, machines: Machines, stop: StopRequest | None = None
 ) -> int | None:
-    """`lora-workbench train` run directly: launch this machine's ranks on `run` and wait for them.
+    """`lora-workbench train` asked for several processes: launch this machine's ranks on `run` and wait for them.
+    The one launch path: a run the job queue starts is the same `lora-workbench train` process, which comes here.
 
     Returns the run's exit code, or None when this machine cannot launch the config or a stop came first (the
     caller then fails the run in-process, naming the field, or marks it stopped)."""
