@@ -223,9 +223,9 @@ def stop_run(ctx: AppContext, run_id: str | None) -> str:
     return f"Stopping `{run_id}`: the trainer finishes its step and saves the adapter."
 
 
-def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None) -> str:
+def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None, brief: str = "") -> str:
     p = progress(status)
-    text = p.text() + (f" · position {queue_pos} in the queue" if queue_pos else "")
+    text = p.text() + (f" · {brief}" if brief else "") + (f" · position {queue_pos} in the queue" if queue_pos else "")
     color = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a"}.get(p.state, "#2563eb")
     return (
         f'<div class="lwb-progress" data-run="{html.escape(run_id)}" data-state="{p.state}" data-step="{p.step}">'
@@ -267,7 +267,7 @@ def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
     queue_pos = ctx.manager.queue_position(run_id) if job.state == "queued" else None
     failed = watch.status.get("state") == "failed"
     keys.update(
-        progress=(run_id, watch.status_version, queue_pos),
+        progress=(run_id, watch.status_version, queue_pos, watch.summary.brief()),
         error=(run_id, (watch.status_version, watch.log_stamp) if failed else None),
         log=(run_id, watch.log_stamp),
         **{name: (run_id, *watch.data_key(*kinds)) for name, (_, kinds) in plots.MONITOR_CHARTS.items()},
@@ -307,7 +307,7 @@ def _monitor_output(name: str, now: MonitorNow) -> Any:
         idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
         return idle if name == "progress" else gr.Markdown(visible=False)
     if name == "progress":
-        return _progress_html(now.run_id, watch.status, now.queue_pos)
+        return _progress_html(now.run_id, watch.status, now.queue_pos, watch.summary.brief())
     if name == "log":
         return watch.view("log", now.keys["log"], lambda: log_view(watch.path, 40))
     if name == "error":

@@ -148,8 +148,6 @@ def test_workbench_measure_reads_metrics_and_the_memory_estimate(tmp_path: Path)
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in cpu_lines) + "\n")
     m = bench.workbench_measure(tmp_path / "runs", 0, tmp_path / "log", warmup=2)
     assert (m.peak_gb, m.predicted_gb) == (pytest.approx(0.9), None)  # a GPU prediction is not compared with RSS
-    assert bench.predicted_peak([], {"memory_estimate": {"predicted_peak_gb": 3}}) == 3.0
-    assert bench.predicted_peak([], {}) is None
     assert bench.workbench_measure(tmp_path / "runs", 1, Path("x.log"), 2).error == "exit 1, see x.log"
 
 

@@ -18,7 +18,7 @@ TRAINER = ROOT / "trainer"
 # The stages in the order of the flow: a module may import its own stage, earlier ones and the contract.
 STAGES = ["config", "data", "model", "plan", "run", "chat", "export", "jobs", "bench"]
 # What every stage reads and writes (the run dir, metrics lines, status and failure kinds): they import no stage.
-CONTRACT = {"run_dir", "metrics_reader", "failure", "job_status"}
+CONTRACT = {"run_dir", "metrics_reader", "metrics_summary", "failure", "job_status"}
 ENTRY = {"cli", "__main__", "__init__"}  # the command line: dispatches to every stage (and to app/ for `ui`)
 
 

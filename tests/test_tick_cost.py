@@ -96,10 +96,15 @@ def test_a_new_line_changes_the_stamp_and_redraws_only_the_charts_it_feeds(ctx: 
     seen = train_tab.monitor_update(ctx, "r1", dict(train_tab.UNSEEN))[OUT["seen"]]
     before = stamp(live, "train", "r1")
 
-    run.append_metric("system", 5, cpu_rss_gb=1.5)  # a memory sample alone
+    run.append_metric("system", 5, cpu_rss_gb=1.5)  # a memory sample alone, a new peak: the progress line says it
     assert stamp(live, "train", "r1") != before
     out = train_tab.monitor_update(ctx, "r1", seen)
-    assert drawn(out) == {"memory"} and json.loads(out[OUT["memory"]].plot)["data"][0]["y"] == [1.5]
+    assert drawn(out) == {"memory", "progress"} and json.loads(out[OUT["memory"]].plot)["data"][0]["y"] == [1.5]
+    assert "peak 1.50 GB RAM" in out[OUT["progress"]]
+    seen = out[OUT["seen"]]
+    run.append_metric("system", 5, cpu_rss_gb=1.2)  # below the peak: only its chart changes
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"memory"}
     seen = out[OUT["seen"]]
 
     train_step(run, 6)  # a train line and the step in status.json

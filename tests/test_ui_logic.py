@@ -742,15 +742,15 @@ def test_summary_cache_reads_a_growing_metrics_file_from_where_it_stopped(tmp_pa
     write_json_atomic(run / "status.json", {"state": "running", "step": 6, "max_steps": 60})
     cache = SummaryCache()
     before = cache.get(_job(run))
-    tail = cache._tails[run]
+    tail = cache._tails[run][0]
     read_up_to = tail.offset
     with open(run / "metrics.jsonl", "a") as f:  # the writer finishes the half-written last line
         f.write(', "time": 1.0, "loss": 0.125}\n')
     after = cache.get(_job(run))
     assert after.train_loss == 0.125 != before.train_loss
-    assert cache._tails[run] is tail and tail.offset > read_up_to  # only the appended bytes were parsed
+    assert cache._tails[run][0] is tail and tail.offset > read_up_to  # only the appended bytes were parsed
     assert after == summarize(run, "")  # the same row as reading the whole file
     (run / "metrics.jsonl").write_text("")  # replaced by a shorter file: read again from the start
-    assert cache.get(_job(run)).train_loss is None and cache._tails[run] is not tail
+    assert cache.get(_job(run)).train_loss is None and cache._tails[run][0] is not tail
     write_json_atomic(run / "status.json", {"state": "completed", "step": 60, "max_steps": 60})
     assert cache.get(_job(run)).state == "completed" and run not in cache._tails  # done: the row stays, not the lines

@@ -454,42 +454,21 @@ def reference_measure(out: Path, code: int, log: Path, clock: CpuClock | None = 
     return Measure(r["train_wall_s"], cpu, step_s, tps, r["peak_mem_gb"], r["first_loss"])
 
 
-def predicted_peak(lines: list[dict[str, Any]], status: dict[str, Any]) -> float | None:
-    """The memory estimate's predicted peak (GB), from an event line or status.json, when the run wrote one."""
-    for line in lines:
-        for key in ("predicted_peak_gb", "memory_estimate"):
-            value = line.get(key)
-            value = value.get("predicted_peak_gb") if isinstance(value, dict) else value
-            if isinstance(value, int | float):
-                return float(value)
-    value = status.get("predicted_peak_gb") or (status.get("memory_estimate") or {}).get("predicted_peak_gb")
-    return float(value) if isinstance(value, int | float) else None
-
-
 def workbench_measure(runs_dir: Path, code: int, log: Path, warmup: int, clock: CpuClock | None = None) -> Measure:
-    from trainer.run_dir import read_metrics, read_status
+    from trainer.metrics_summary import MetricsSummary
+    from trainer.run_dir import read_metrics
 
     runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")] if runs_dir.exists() else []
     if code != 0 or len(runs) != 1:
         return Measure(error=f"exit {code}, see {log}")
-    lines = read_metrics(runs[0] / "metrics.jsonl")
-    events = {m.get("event"): m["time"] for m in lines if m["kind"] == "event"}
-    t0 = events.get("model_loaded", events.get("start"))
-    train = [m for m in lines if m["kind"] == "train"]
-    times, tokens, prev, total = [], [], t0, 0.0
-    for m in train:  # tokens_per_second covers the time since the previous train line
-        total += m["tokens_per_second"] * (m["time"] - prev)
-        prev = m["time"]
-        times.append(prev)
-        tokens.append(total)
-    wall, step_s, tps = summarize(t0, times, tokens, warmup)
-    system = [m for m in lines if m["kind"] == "system"]
-    gpu = any("gpu_mem_peak_gb" in m for m in system)
-    peak = max((m.get("gpu_mem_peak_gb" if gpu else "cpu_rss_gb") or 0.0 for m in system), default=None)
+    m = MetricsSummary.of(read_metrics(runs[0] / "metrics.jsonl"))
+    t0 = m.events.get("model_loaded", m.events.get("start"))
+    times = [p.time for p in m.train]
+    wall, step_s, tps = summarize(t0, times, m.tokens_done(t0), warmup)
     # The estimate predicts GPU memory (torch allocated); a CPU's RSS (mostly the runtime) is no measure of it.
-    predicted = predicted_peak(lines, read_status(runs[0]) or {}) if gpu else None
+    predicted = m.predicted_peak_gb if m.memory_kind == "gpu" else None
     cpu = clock.between(t0, times[-1]) if clock else None
-    return Measure(wall, cpu, step_s, tps, peak, train[0]["loss"], predicted)
+    return Measure(wall, cpu, step_s, tps, m.peak_gb, m.first_loss, predicted)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.metrics_reader import MetricsTail
+from trainer.metrics_summary import MetricsSummary
 from trainer.run_dir import FINAL_STATES, file_stamp, status_or_reason
 
 MEMORY_KEYS = ("gpu_mem_allocated_gb", "gpu_mem_reserved_gb", "gpu_mem_peak_gb", "gpu_mem_total_gb", "cpu_rss_gb")
@@ -56,6 +57,7 @@ class RunWatch:
         self.path = run_path
         self.tail = MetricsTail(run_path / "metrics.jsonl")
         self.series = Series()
+        self.summary = MetricsSummary()  # throughput and peak memory so far, as the Runs tab computes them
         self.status: dict[str, Any] = {}
         self.version = 0  # bumps whenever something a page shows changed
         self.status_version = 0  # bumps when status.json says something new
@@ -69,10 +71,11 @@ class RunWatch:
             generation = self.tail.generation
             new = self.tail.poll()
             if self.tail.generation != generation:  # metrics.jsonl was rewritten: rebuild, dropping what it held
-                self.series, new = Series(), self.tail.lines
+                self.series, self.summary, new = Series(), MetricsSummary(), self.tail.lines
             changed = bool(new) or self.tail.generation != generation
             for line in new:
                 self.series.add(line)
+                self.summary.add(line)
             stamp = file_stamp(self.path / "status.json")
             if stamp != self._status_stamp:
                 self._status_stamp = stamp

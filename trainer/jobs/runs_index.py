@@ -18,6 +18,7 @@ import yaml
 
 from trainer.jobs.registry import Job
 from trainer.metrics_reader import MetricsTail
+from trainer.metrics_summary import MetricsSummary
 from trainer.run_dir import FINAL_STATES, file_stamp, read_metrics, status_or_reason
 
 COLUMNS = [
@@ -104,18 +105,11 @@ def method_label(cfg: dict[str, Any]) -> str:
     return label
 
 
-def summarize(run_path: Path, name: str | None = None, lines: list[dict[str, Any]] | None = None) -> RunSummary:
-    """One run's row; lines: its metrics lines when the caller already has them (default: read the file)."""
+def summarize(run_path: Path, name: str | None = None, metrics: MetricsSummary | None = None) -> RunSummary:
+    """One run's row; metrics: its lines' summary when the caller already has it (default: read the file)."""
     status = status_or_reason(run_path)
     cfg = read_config(run_path)
-    lines = read_metrics(run_path / "metrics.jsonl") if lines is None else lines
-    train = [m for m in lines if m["kind"] == "train" and m.get("loss") is not None]
-    evals = [m for m in lines if m["kind"] == "eval" and m.get("eval_loss") is not None]
-    system = [m for m in lines if m["kind"] == "system"]
-    gpu = [m.get("gpu_mem_peak_gb") for m in system if m.get("gpu_mem_peak_gb") is not None]
-    cpu = [m.get("cpu_rss_gb") for m in system if m.get("cpu_rss_gb") is not None]
-    tps = [m["tokens_per_second"] for m in train if m.get("tokens_per_second")]
-    predicted = [m["predicted_peak_gb"] for m in lines if m.get("event") == "memory_estimate"]
+    m = MetricsSummary.of(read_metrics(run_path / "metrics.jsonl")) if metrics is None else metrics
     started, ended = status.get("started_at"), status.get("ended_at")
     return RunSummary(
         run_id=run_path.name,
@@ -125,13 +119,13 @@ def summarize(run_path: Path, name: str | None = None, lines: list[dict[str, Any
         state=status.get("state", "unknown"),
         step=int(status.get("step") or 0),
         max_steps=int(status.get("max_steps") or 0),
-        train_loss=train[-1]["loss"] if train else None,
-        eval_loss=evals[-1]["eval_loss"] if evals else None,
+        train_loss=m.last_loss,
+        eval_loss=m.last_eval_loss,
         duration_s=(ended - started) if started and ended else None,
-        peak_mem_gb=max(gpu) if gpu else (max(cpu) if cpu else None),
-        mem_kind="gpu" if gpu else "cpu",
-        tokens_per_second=sum(tps) / len(tps) if tps else None,
-        predicted_gb=predicted[-1] if predicted else None,
+        peak_mem_gb=m.peak_gb,
+        mem_kind=m.memory_kind,
+        tokens_per_second=m.tokens_per_second(),
+        predicted_gb=m.predicted_peak_gb,
     )
 
 
@@ -142,7 +136,7 @@ class SummaryCache:
 
     def __init__(self):
         self._cache: dict[Path, tuple[tuple, RunSummary]] = {}
-        self._tails: dict[Path, MetricsTail] = {}
+        self._tails: dict[Path, tuple[MetricsTail, MetricsSummary]] = {}
         self._lock = threading.Lock()
 
     def get(self, job: Job) -> RunSummary:
@@ -153,11 +147,17 @@ class SummaryCache:
             hit = self._cache.get(path)
             if hit and hit[0] == key:
                 return hit[1]
-            tail = self._tails.get(path)
+            tail, metrics = self._tails.get(path) or (None, MetricsSummary())
             if tail is None or (stamps[1] or (0, 0, 0))[2] < tail.offset:  # new, or the file was replaced
-                tail = self._tails[path] = MetricsTail(path / "metrics.jsonl")
-            tail.poll()  # an edited file is read again from its start too
-            summary = summarize(path, job.name, tail.lines)
+                tail, metrics = MetricsTail(path / "metrics.jsonl"), MetricsSummary()
+            generation = tail.generation
+            new = tail.poll()  # an edited file is read again from its start too
+            if tail.generation != generation:
+                metrics, new = MetricsSummary(), tail.lines
+            for line in new:
+                metrics.add(line)
+            self._tails[path] = (tail, metrics)
+            summary = summarize(path, job.name, metrics)
             self._cache[path] = (key, summary)
             if summary.state in FINAL_STATES:  # it will not grow: keep its row, not its lines
                 del self._tails[path]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 
 from trainer.config.run_config import ConfigError, RunConfig
 from trainer.data.files import DataError
+from trainer.metrics_summary import MetricsSummary
 from trainer.run_dir import read_metrics, read_status, write_json_atomic
 
 STEPS = 6  # the first step warms up (allocator, kernels) and is not timed
@@ -157,20 +157,14 @@ def measure(run_path: Path) -> Trial:
         return Trial(
             None, False, error=status.get("error") or f"the short run ended {status.get('state')}", failure_kind=kind
         )
-    lines = read_metrics(run_path / "metrics.jsonl")
-    train = [x for x in lines if x["kind"] == "train" and x.get("tokens_per_second")]
-    system = [x for x in lines if x["kind"] == "system"]
-    timed = train[1:] or train  # the first step warms up
-    gaps = [b["time"] - a["time"] for a, b in zip(train, train[1:], strict=False)]
-    gpu = [x["gpu_mem_peak_gb"] for x in system if x.get("gpu_mem_peak_gb") is not None]
-    rss = [x["cpu_rss_gb"] for x in system if x.get("cpu_rss_gb") is not None]
+    m = MetricsSummary.of(read_metrics(run_path / "metrics.jsonl"))
     return Trial(
         None,
         True,
-        peak_gb=max(gpu) if gpu else (max(rss) if rss else None),
-        memory_kind="gpu" if gpu else "cpu",
-        tokens_per_second=statistics.median(x["tokens_per_second"] for x in timed) if timed else None,
-        step_seconds=statistics.median(gaps) if gaps else None,
+        peak_gb=m.peak_gb,
+        memory_kind=m.memory_kind,
+        tokens_per_second=m.tokens_per_second(skip=1, how="median"),  # the first step warms up
+        step_seconds=m.step_seconds(),
     )
 
 
