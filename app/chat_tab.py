@@ -4,6 +4,7 @@ prompt side by side (the base with adapters off, and an adapter, or two adapters
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -133,7 +134,37 @@ def stats_md(ctx: AppContext) -> str:
 
 
 # --- layout -----------------------------------------------------------------------------------------------------
+@dataclass
+class ChatLayout:
+    """The Chat tab's components, as chat_layout places them."""
+
+    picked: gr.Dropdown
+    refresh: gr.Button
+    typed: gr.Textbox
+    base: gr.Textbox
+    quant: gr.Radio
+    load: gr.Button
+    unload: gr.Button
+    status: gr.Markdown
+    confirmed: gr.State
+    settings: list[gr.components.Component]  # system prompt, temperature, top-p, top-k, max new, repetition
+    compare_on: gr.Checkbox
+    target_left: gr.Dropdown
+    target_right: gr.Dropdown
+    left: gr.Chatbot
+    right: gr.Chatbot
+    message: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    clear: gr.Button
+    speed: gr.Markdown
+
+
 def build_chat_tab(demo: gr.Blocks, ctx: AppContext) -> None:
+    wire_chat(demo, ctx, chat_layout())
+
+
+def chat_layout() -> ChatLayout:
     gr.Markdown(f"### Chat with what you trained\n{HELP}")
     with gr.Row():
         picked = gr.Dropdown(
@@ -160,15 +191,17 @@ def build_chat_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         load = gr.Button("Load", variant="primary", elem_id="chat-load")
         unload = gr.Button("Unload", elem_id="chat-unload")
     status = gr.Markdown("Nothing loaded.", elem_id="chat-status")
-    confirmed = gr.State(False)
     with gr.Accordion("Generation settings", open=False):
         system = gr.Textbox(label="System prompt", lines=2, elem_id="chat-system")
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)", elem_id="chat-temp")
-            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0: off)")
-            max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
-            rep = gr.Slider(1.0, 2.0, value=1.1, step=0.01, label="Repetition penalty")
+            settings = [
+                system,
+                gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)", elem_id="chat-temp"),
+                gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p"),
+                gr.Slider(0, 200, value=50, step=1, label="Top-k (0: off)"),
+                gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="chat-max-new"),
+                gr.Slider(1.0, 2.0, value=1.1, step=0.01, label="Repetition penalty"),
+            ]
     with gr.Row():
         compare_on = gr.Checkbox(True, label="Compare side by side", elem_id="chat-compare")
         target_left = gr.Dropdown([BASE], value=BASE, label="Left pane", elem_id="chat-left-target")
@@ -182,46 +215,50 @@ def build_chat_tab(demo: gr.Blocks, ctx: AppContext) -> None:
         stop = gr.Button("Stop", elem_id="chat-stop", scale=1)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
     speed = gr.Markdown(elem_id="chat-speed")
+    return ChatLayout(
+        picked, refresh, typed, base, quant, load, unload, status, gr.State(False), settings,
+        compare_on, target_left, target_right, left, right, message, send, stop, clear, speed,
+    )  # fmt: skip
 
+
+def wire_chat(demo: gr.Blocks, ctx: AppContext, v: ChatLayout) -> None:
     def refresh_choices(current: list[str] | None):
         choices = adapter_choices(ctx.jobs_newest_first())
-        values = [v for _, v in choices]
-        return gr.Dropdown(choices=choices, value=[v for v in current or [] if v in values])
+        values = [c for _, c in choices]
+        return gr.Dropdown(choices=choices, value=[c for c in current or [] if c in values])
 
-    refresh.click(refresh_choices, inputs=picked, outputs=picked)
-    demo.load(refresh_choices, inputs=picked, outputs=picked)
-
-    demo.load(lambda: held_view(ctx), outputs=[status, target_left, target_right])
+    v.refresh.click(refresh_choices, inputs=v.picked, outputs=v.picked)
+    demo.load(refresh_choices, inputs=v.picked, outputs=v.picked)
+    demo.load(lambda: held_view(ctx), outputs=[v.status, v.target_left, v.target_right])
 
     def on_load(p, t, b, q, c):
         text, awaiting = load_models(ctx, p or [], t, b, q, c)
         return (text, awaiting, *target_dropdowns(ctx))
 
-    load.click(
+    v.load.click(
         on_load,
-        inputs=[picked, typed, base, quant, confirmed],
-        outputs=[status, confirmed, target_left, target_right],
+        inputs=[v.picked, v.typed, v.base, v.quant, v.confirmed],
+        outputs=[v.status, v.confirmed, v.target_left, v.target_right],
         concurrency_limit=1,
         concurrency_id="chat-model",
     )
-    unload.click(
+    v.unload.click(
         lambda: (unload_models(ctx), *target_dropdowns(ctx)),
-        outputs=[status, target_left, target_right],
+        outputs=[v.status, v.target_left, v.target_right],
         concurrency_id="chat-model",
     )
-    compare_on.change(lambda on: gr.Chatbot(visible=on), inputs=compare_on, outputs=left)
+    v.compare_on.change(lambda on: gr.Chatbot(visible=on), inputs=v.compare_on, outputs=v.left)
 
     def on_send(msg, lh, rh, on, tl, tr, *s):
         yield from reply(ctx, msg, plain(lh), plain(rh), on, tl, tr, settings_from(*s))
 
     sent = dict(
         fn=on_send,
-        inputs=[message, left, right, compare_on, target_left, target_right, system, temperature, top_p, top_k]
-        + [max_new, rep],
-        outputs=[left, right, speed],
+        inputs=[v.message, v.left, v.right, v.compare_on, v.target_left, v.target_right, *v.settings],
+        outputs=[v.left, v.right, v.speed],
         show_progress="hidden",
     )
-    send.click(**sent).then(lambda: "", outputs=message)
-    message.submit(**sent).then(lambda: "", outputs=message)
-    stop.click(lambda: ctx.chat.stop(), concurrency_limit=None, queue=False)
-    clear.click(lambda: ([], [], ""), outputs=[left, right, speed])
+    v.send.click(**sent).then(lambda: "", outputs=v.message)
+    v.message.submit(**sent).then(lambda: "", outputs=v.message)
+    v.stop.click(lambda: ctx.chat.stop(), concurrency_limit=None, queue=False)
+    v.clear.click(lambda: ([], [], ""), outputs=[v.left, v.right, v.speed])

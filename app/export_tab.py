@@ -4,6 +4,7 @@ its own progress, log and fidelity numbers), or download the adapter alone."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,26 @@ def export_update(ctx: AppContext, job_id: str | None, seen: tuple | None) -> li
 
 
 # --- layout -----------------------------------------------------------------------------------------------------
+@dataclass
+class ExportLayout:
+    """The Export tab's components, as export_layout places them."""
+
+    picked: gr.Dropdown
+    refresh: gr.Button
+    request: list[gr.components.Component]  # submit_export's arguments, in its order
+    export: gr.Button
+    download: gr.DownloadButton
+    message: gr.Markdown
+    job: gr.Dropdown
+    shown: list[gr.components.Component]  # progress, log, result, seen: export_update's outputs
+    poke: gr.Button
+
+
 def build_export_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
+    wire_export(demo, ctx, live, export_layout())
+
+
+def export_layout() -> ExportLayout:
     gr.Markdown(
         "### Export a merged model\nThe adapter is merged into its base and saved as a plain transformers model "
         "(safetensors shards + index, config, generation config, tokenizer with its chat template, model card). "
@@ -160,19 +180,24 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
     seen = gr.State(None)  # the key of what this page shows (export_key)
     # clicked by the page's poller when the job's stamp changed (app/live_views.py)
     poke = gr.Button("Redraw", elem_id="export-poke", elem_classes=POKE_CLASS)
+    request = [picked, typed, base, out, dtype, shard, merge_into, overwrite, push, fmt, quant]
+    return ExportLayout(picked, refresh, request, export, download, message, job, [progress, log, result, seen], poke)
+
+
+def wire_export(demo: gr.Blocks, ctx: AppContext, live: LiveViews, v: ExportLayout) -> None:
     live.add(LiveView("export", "tab-export", "export-poke", "export-job", 2.0, lambda j: export_key(ctx, j)))
 
     def refresh_choices(current: str | None):
         choices = adapter_choices(ctx.jobs_newest_first())
-        values = [v for _, v in choices]
+        values = [c for _, c in choices]
         jobs = [j.id for j in ctx.jobs_newest_first("export")]
         return (
             gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None)),
             gr.Dropdown(choices=jobs),
         )
 
-    refresh.click(refresh_choices, inputs=picked, outputs=[picked, job])
-    demo.load(refresh_choices, inputs=picked, outputs=[picked, job])
+    v.refresh.click(refresh_choices, inputs=v.picked, outputs=[v.picked, v.job])
+    demo.load(refresh_choices, inputs=v.picked, outputs=[v.picked, v.job])
 
     def on_export(*a: Any):
         msg, job_id = submit_export(ctx, *a)
@@ -180,20 +205,15 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
             return msg, gr.skip()
         return msg, gr.Dropdown(choices=[j.id for j in ctx.jobs_newest_first("export")], value=job_id)
 
-    export.click(
-        on_export,
-        inputs=[picked, typed, base, out, dtype, shard, merge_into, overwrite, push, fmt, quant],
-        outputs=[message, job],
-    )
-
-    poke.click(
+    v.export.click(on_export, inputs=v.request, outputs=[v.message, v.job])
+    v.poke.click(
         lambda job_id, shown: export_update(ctx, job_id, shown),
-        inputs=[job, seen],
-        outputs=[progress, log, result, seen],
+        inputs=[v.job, v.shown[-1]],
+        outputs=v.shown,
         trigger_mode="always_last",
         **BACKGROUND,
     )
-    job.change(lambda j: export_update(ctx, j, ()), inputs=job, outputs=[progress, log, result, seen])  # (): redraw
+    v.job.change(lambda j: export_update(ctx, j, ()), inputs=v.job, outputs=v.shown)  # (): redraw
 
     def make_zip(adapter: str | None):
         if not adapter or Path(adapter).name != "adapter":  # a running run's checkpoint: zip it when it is done
@@ -203,4 +223,4 @@ def build_export_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
         except FileNotFoundError:
             return gr.skip()
 
-    picked.change(make_zip, inputs=picked, outputs=download)
+    v.picked.change(make_zip, inputs=v.picked, outputs=v.download)

@@ -3,6 +3,7 @@ adapter zip, rename, delete)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,36 @@ def not_listed_md(lines: list[str]) -> str:
     return f"**Not listed** (found in the runs dir at startup, unreadable; left as they are):\n{shown}"
 
 
+@dataclass
+class RunsLayout:
+    """The Runs tab's components, as runs_layout places them."""
+
+    refresh: gr.Button
+    table: list[gr.components.Component]  # table, compare picks, opened run, seen: table_update's outputs
+    compared: list[gr.components.Component]  # overlay, config diff, throughput table: compare's outputs
+    opened_views: list[gr.components.Component]  # config, log, card: open_run's outputs
+    download: gr.DownloadButton
+    evaluate: gr.Button
+    eval_note: gr.Markdown
+    evaluation: list[gr.components.Component]  # progress, table, plot, answers, seen: eval_update's outputs
+    new_name: gr.Textbox
+    rename: gr.Button
+    confirm: gr.Checkbox
+    delete: gr.Button
+    note: gr.Markdown
+    table_poke: gr.Button
+    eval_poke: gr.Button
+
+    @property
+    def opened(self) -> gr.Dropdown:
+        return self.table[2]
+
+
 def build_runs_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
+    wire_runs(demo, ctx, live, runs_layout(ctx))
+
+
+def runs_layout(ctx: AppContext) -> RunsLayout:
     with gr.Row():
         refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="runs-table", label="All runs")
@@ -193,32 +223,39 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
     # clicked by the page's poller when the table's or the evaluation's stamp changed (app/live_views.py)
     table_poke = gr.Button("Redraw", elem_id="runs-poke", elem_classes=POKE_CLASS)
     eval_poke = gr.Button("Redraw", elem_id="eval-poke", elem_classes=POKE_CLASS)
+    return RunsLayout(
+        refresh, [table, picks, opened, seen], [overlay, diff, perf], [config, log, card], download, evaluate,
+        eval_note, [eval_progress, eval_table, eval_plot, eval_answers, eval_seen], new_name, rename, confirm,
+        delete, note, table_poke, eval_poke,
+    )  # fmt: skip
+
+
+def wire_runs(demo: gr.Blocks, ctx: AppContext, live: LiveViews, v: RunsLayout) -> None:
     live.add(LiveView("runs", "tab-runs", "runs-poke", None, 3.0, lambda _: table_rows(ctx)))
     live.add(LiveView("evaluation", "tab-runs", "eval-poke", "open-run", 3.0, lambda r: eval_key(ctx, r)))
+    opened, seen, eval_seen = v.opened, v.table[-1], v.evaluation[-1]
 
-    outputs = [table, picks, opened, seen]
-    refresh.click(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=outputs)
-    demo.load(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=outputs)
-    table_poke.click(
+    v.refresh.click(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=v.table)
+    demo.load(lambda selected: table_update(ctx, None, selected), inputs=opened, outputs=v.table)
+    v.table_poke.click(
         lambda last, selected: table_update(ctx, last, selected),
         inputs=[seen, opened],
-        outputs=outputs,
+        outputs=v.table,
         trigger_mode="always_last",
         **BACKGROUND,
     )
 
-    picks.change(lambda ids: compare(ctx, ids), inputs=picks, outputs=[overlay, diff, perf])
-    opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=[config, log, card])
-    eval_outputs = [eval_progress, eval_table, eval_plot, eval_answers, eval_seen]
-    opened.change(lambda r: eval_update(ctx, r, ()), inputs=opened, outputs=eval_outputs)  # (): not a key, redraws
-    eval_poke.click(
+    v.table[1].change(lambda ids: compare(ctx, ids), inputs=v.table[1], outputs=v.compared)
+    opened.change(lambda r: open_run(ctx, r), inputs=opened, outputs=v.opened_views)
+    opened.change(lambda r: eval_update(ctx, r, ()), inputs=opened, outputs=v.evaluation)  # (): not a key, redraws
+    v.eval_poke.click(
         lambda r, last: eval_update(ctx, r, last),
         inputs=[opened, eval_seen],
-        outputs=eval_outputs,
+        outputs=v.evaluation,
         trigger_mode="always_last",
         **BACKGROUND,
     )
-    evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=eval_note)
+    v.evaluate.click(lambda r: submit_evaluate(ctx, r), inputs=opened, outputs=v.eval_note)
 
     def make_zip(run_id: str | None):
         path = ctx.run_path(run_id) if run_id else None
@@ -230,7 +267,7 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
             return gr.skip(), str(e)
         return str(made.path), zip_note(run_id, made.skipped)
 
-    opened.change(make_zip, inputs=opened, outputs=[download, note])
+    opened.change(make_zip, inputs=opened, outputs=[v.download, v.note])
 
     def do_rename(run_id: str | None, name: str):
         if not run_id:
@@ -241,7 +278,7 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
             return str(e)
         return f"`{run_id}` is now named {name.strip()!r}."
 
-    rename.click(do_rename, inputs=[opened, new_name], outputs=note)
+    v.rename.click(do_rename, inputs=[opened, v.new_name], outputs=v.note)
 
     def do_delete(run_id: str | None, ok: bool):
         if not run_id:
@@ -254,4 +291,4 @@ def build_runs_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
             return str(e), gr.skip()
         return f"Deleted `{run_id}`.", False
 
-    delete.click(do_delete, inputs=[opened, confirm], outputs=[note, confirm])
+    v.delete.click(do_delete, inputs=[opened, v.confirm], outputs=[v.note, v.confirm])

@@ -327,12 +327,52 @@ def start_and_watch(ctx: AppContext, values: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- layout and wiring ------------------------------------------------------------------------------------
+@dataclass
+class TrainLayout:
+    """The Train tab's components, as train_layout places them."""
+
+    widgets: dict[str, gr.components.Component]  # one per form path (PATHS)
+    holders: dict[str, gr.blocks.Block]  # what shows/hides each field (its widget, or the column around it)
+    edited: gr.State  # the fields the user set (the example's count): presets never override them
+    data_ui: dict[str, Any]  # _data_preview_block
+    estimate: gr.Markdown
+    start: gr.Button
+    stop: gr.Button
+    show: gr.Button
+    pre: gr.Button
+    message: gr.Markdown
+    preflight: list[Any]  # result markdown, job id state, timer
+    config_views: list[gr.Code]  # config.yaml, command line
+    monitor: dict[str, Any]  # _monitor_block
+
+    @property
+    def form(self) -> list[gr.components.Component]:
+        return [self.widgets[p] for p in PATHS]
+
+    @property
+    def data_outputs(self) -> list[gr.components.Component]:
+        return [self.data_ui[k] for k in ("verdict", "rows", "hist", "errors")]
+
+
+def as_values(args: tuple) -> dict[str, Any]:
+    """The form's values by path, from the widgets' values in PATHS order."""
+    return dict(zip(PATHS, args, strict=True))
+
+
 def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
+    v = train_layout(ctx)
+    wire_form(ctx, v)
+    wire_data(ctx, v)
+    wire_run(ctx, v)
+    wire_monitor(demo, ctx, live, v)
+
+
+def train_layout(ctx: AppContext) -> TrainLayout:
     values, example_edits = default_form(str(ctx.runs_dir), ctx.example)
     shown = shown_fields(values)
     suggestions = _suggestions(ctx)
     widgets: dict[str, gr.components.Component] = {}
-    holders: dict[str, gr.blocks.Block] = {}  # what shows/hides each field (its widget, or the column around it)
+    holders: dict[str, gr.blocks.Block] = {}
     with gr.Row():
         with gr.Column(scale=5):
             with gr.Row():
@@ -370,20 +410,20 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
                 show = gr.Button("Preview config", elem_id="preview-config-btn")
                 pre = gr.Button("Pre-flight", elem_id="preflight-btn")
             message = gr.Markdown(elem_id="start-msg")
-            preflight_out = gr.Markdown(elem_id="preflight-result")
-            preflight_job = gr.State(None)
-            preflight_timer = gr.Timer(2.0, active=False)
+            preflight = [gr.Markdown(elem_id="preflight-result"), gr.State(None), gr.Timer(2.0, active=False)]
             with gr.Accordion("Config preview: the exact config.yaml and the command that runs it", open=False):
                 config_yaml = gr.Code(language="yaml", label="config.yaml", elem_id="config-yaml")
                 config_cli = gr.Code(language="shell", label="command line", elem_id="config-cli")
             monitor = _monitor_block()
+    return TrainLayout(
+        widgets, holders, gr.State(example_edits), data_ui, estimate, start, stop, show, pre, message, preflight,
+        [config_yaml, config_cli], monitor,
+    )  # fmt: skip
 
-    form = [widgets[p] for p in PATHS]
-    edited = gr.State(example_edits)  # the fields the user set (the example's count): presets never override them
 
-    def as_values(args: tuple) -> dict[str, Any]:
-        return dict(zip(PATHS, args, strict=True))
-
+def wire_form(ctx: AppContext, v: TrainLayout) -> None:
+    """Edits are remembered, the estimate follows the form, presets and method switches fill and show fields."""
+    widgets, form, edited = v.widgets, v.form, v.edited
     for f in FIELDS:
         widgets[f.path].input(
             lambda e, p=f.path: edited_after(e, p), inputs=edited, outputs=edited, show_progress="hidden"
@@ -393,13 +433,13 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
         [w.change for w in form],
         lambda *a: estimate_md(ctx, as_values(a)),
         inputs=form,
-        outputs=estimate,
+        outputs=v.estimate,
         trigger_mode="always_last",
         show_progress="hidden",
     )
 
     toggled = [p for p, on in shown_fields({}).items() if not on]  # the method/mode-only fields
-    toggled_boxes = [holders[p] for p in toggled]
+    toggled_boxes = [v.holders[p] for p in toggled]
 
     def on_preset(kind: str, name: str | None, e: set[str], *a: Any) -> list[Any]:
         out = apply_preset(as_values(a), e, kind, name)
@@ -420,8 +460,11 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
         show_progress="hidden",
     )
 
-    data_outputs = [data_ui["verdict"], data_ui["rows"], data_ui["hist"], data_ui["errors"]]
-    preview = {"fn": lambda *a: preview_outputs(ctx, as_values(a)), "inputs": form, "outputs": data_outputs}
+
+def wire_data(ctx: AppContext, v: TrainLayout) -> None:
+    """The data preview follows the model and the data; a new source or an upload resets what depends on it."""
+    widgets, form, edited, data_ui = v.widgets, v.form, v.edited, v.data_ui
+    preview = {"fn": lambda *a: preview_outputs(ctx, as_values(a)), "inputs": form, "outputs": v.data_outputs}
     data_ui["button"].click(**preview)
     # .change, not .input: a preset or an upload that sets the model or the data makes the old verdict stale too.
     gr.on([widgets[p].change for p in PREVIEW_PATHS], trigger_mode="always_last", **preview)
@@ -452,32 +495,38 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
         outputs=[widgets["data.source"], *data_changed, edited, data_ui["note"], data_ui["verdict"]],
     )
 
-    show.click(lambda *a: config_preview(ctx, as_values(a)), inputs=form, outputs=[config_yaml, config_cli])
 
-    outs = [monitor[k] for k in MONITOR_OUTPUTS]
+def wire_run(ctx: AppContext, v: TrainLayout) -> None:
+    """Preview config, Start, Stop and Pre-flight."""
+    form, monitor = v.form, v.monitor
+    v.show.click(lambda *a: config_preview(ctx, as_values(a)), inputs=form, outputs=v.config_views)
 
     def on_start(*a: Any):
         shown = start_and_watch(ctx, as_values(a))
         return [shown["message"], *(shown.get(k, gr.skip()) for k in MONITOR_OUTPUTS)]
 
-    start.click(on_start, inputs=form, outputs=[message, *outs])
-    stop.click(lambda run_id: stop_run(ctx, run_id), inputs=monitor["run"], outputs=message)
+    v.start.click(on_start, inputs=form, outputs=[v.message, *(monitor[k] for k in MONITOR_OUTPUTS)])
+    v.stop.click(lambda run_id: stop_run(ctx, run_id), inputs=monitor["run"], outputs=v.message)
 
     def on_preflight(*a: Any):
         msg, job_id = start_preflight(ctx, as_values(a))
         return msg, job_id, gr.Timer(active=job_id is not None)
 
-    pre.click(on_preflight, inputs=form, outputs=[preflight_out, preflight_job, preflight_timer])
+    v.pre.click(on_preflight, inputs=form, outputs=v.preflight)
+    result, job_id_state, timer = v.preflight
 
     def preflight_tick(job_id: str | None):
         job = ctx.manager.registry.get(job_id) if job_id else None
         done = job is None or job.state in ("completed", "failed", "stopped")
         return preflight_md(ctx, job_id), gr.Timer(active=not done)
 
-    preflight_timer.tick(
-        preflight_tick, inputs=preflight_job, outputs=[preflight_out, preflight_timer], show_progress="hidden"
-    )
+    timer.tick(preflight_tick, inputs=job_id_state, outputs=[result, timer], show_progress="hidden")
 
+
+def wire_monitor(demo: gr.Blocks, ctx: AppContext, live: LiveViews, v: TrainLayout) -> None:
+    """The live monitor redraws what changed when the page's poller says so; a page load fills the tab."""
+    monitor = v.monitor
+    outs = [monitor[k] for k in MONITOR_OUTPUTS]
     live.add(
         LiveView(
             "train",
@@ -514,7 +563,8 @@ def build_train_tab(demo: gr.Blocks, ctx: AppContext, live: LiveViews) -> None:
             *preview_outputs(ctx, as_values(a)),
         )
 
-    demo.load(on_load, inputs=form, outputs=[monitor["run"], monitor["seen"], estimate, *data_outputs])
+    outputs = [monitor["run"], monitor["seen"], v.estimate, *v.data_outputs]
+    demo.load(on_load, inputs=v.form, outputs=outputs)
 
 
 def _data_preview_block() -> dict[str, Any]:
