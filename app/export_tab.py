@@ -15,13 +15,12 @@ from app.live_views import POKE_CLASS, LiveView, LiveViews
 from trainer.chat.adapter_source import AdapterError
 from trainer.config.run_config import ConfigError
 from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
-from trainer.export.merge import ExportError, ExportRequest
+from trainer.export.merge import ExportError, ExportRequest, validate_request
 from trainer.jobs.adapter_choices import adapter_choices, adapter_name, resolve_base, resolve_user_dir
 from trainer.jobs.queue import log_file
 from trainer.jobs.runs_index import zip_adapter
 from trainer.jobs.side_jobs import (
     default_export_dir,
-    export_args,
     export_result_md,
     exports_root,
     job_log,
@@ -81,10 +80,10 @@ def submit_export(
             format=fmt,
             quant=quant,
         )
-        args = export_args(req)
+        validate_request(req)  # as `lora-workbench export` checks it (nothing loads); the job checks it again
     except (AdapterError, ExportError, ConfigError) as e:
         return f"**Not queued.** {e}", None
-    job_id = ctx.manager.submit_side_job("export", args, name=adapter_name(adapter))
+    job_id = ctx.manager.submit_side_job(req, name=adapter_name(adapter))
     ctx.manager.tick()
     return f"Queued export `{job_id}` → `{req.out}`.", job_id
 

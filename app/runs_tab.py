@@ -14,6 +14,7 @@ from app.context import AppContext
 from app.live_views import POKE_CLASS, LiveView, LiveViews
 from app.log_widget import log_box
 from trainer.jobs.log_view import log_view
+from trainer.jobs.requests import EvaluateJob
 from trainer.jobs.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
 from trainer.jobs.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 from trainer.run_dir import file_stamp
@@ -83,7 +84,7 @@ def submit_evaluate(ctx: AppContext, run_id: str | None) -> str:
         return f"`{run_id}` has no saved adapter yet; evaluate it when it has finished."
     if not config_section(read_config(path), "data").get("eval_source"):
         return f"`{run_id}` has no held-out data (data.eval_source); run `lora-workbench evaluate` with --data."
-    job_id = ctx.manager.submit_side_job("evaluate", [str(path)], name=run_id)
+    job_id = ctx.manager.submit_side_job(EvaluateJob(path), name=run_id)
     ctx.manager.tick()
     return f"Queued evaluation `{job_id}`."
 

@@ -33,6 +33,7 @@ from trainer.data.files import DataError
 from trainer.data.uploads import dataset_choices, store_upload
 from trainer.jobs.log_view import log_view
 from trainer.jobs.monitor import RunWatch, explain_failure, progress
+from trainer.jobs.requests import PreflightJob
 from trainer.model.model_configs import RemoteCodeRefused
 from trainer.plan.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
 
@@ -193,7 +194,7 @@ def start_preflight(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str |
     if cfg is None:
         return problems, None
     job_id = ctx.manager.submit_side_job(
-        "preflight", ["config.yaml"], name=cfg.output.run_name, inputs={"config.yaml": cfg.to_yaml()}
+        PreflightJob(Path("config.yaml")), name=cfg.output.run_name, inputs={"config.yaml": cfg.to_yaml()}
     )
     ctx.manager.tick()
     return f"Pre-flight `{job_id}` queued: a few steps on the longest rows of the data.", job_id

@@ -78,7 +78,7 @@ def test_the_page_refuses_to_replace_anything_but_an_earlier_export(
     assert str((ctx.runs_dir / target).resolve()) in msg and why in msg, msg
     if target != "exports/notes":
         assert str((ctx.runs_dir / "exports").resolve()) in msg  # the one place the page exports to
-    assert snapshot(ctx.runs_dir) == before and ctx.manager.registry.all() == []
+    assert snapshot(ctx.runs_dir) == before and ctx.jobs_newest_first("export") == []
 
 
 def test_the_page_refuses_the_bundled_data_and_a_symlink_out_of_the_exports_dir(
@@ -94,7 +94,7 @@ def test_the_page_refuses_the_bundled_data_and_a_symlink_out_of_the_exports_dir(
                                 "16bit", True, "")  # fmt: skip
     assert job_id is None and f"--out {(ctx.runs_dir / 'uploads').resolve()}: outside" in msg, msg
     assert snapshot(ROOT / "data") == data_before and (ctx.runs_dir / "uploads").is_dir()
-    assert ctx.manager.registry.all() == []
+    assert ctx.jobs_newest_first("export") == []
 
 
 def test_cli_overwrite_refuses_a_non_empty_dir_it_did_not_write(trained_adapter, tmp_path: Path, capsys) -> None:

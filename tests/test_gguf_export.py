@@ -253,8 +253,8 @@ def test_the_page_queues_a_gguf_export_and_refuses_an_unbuilt_k_quant(
     assert "lora-workbench build-llama-cpp" in msg
     msg, job_id = submit_export(*form, "q8_0")
     assert job_id is not None, msg
-    args = json.loads(Path(ctx.manager.registry.get(job_id).config_path).read_text())["args"]
-    assert args[-4:] == ["--format", "gguf", "--quant", "q8_0"]
+    request = json.loads(Path(ctx.manager.registry.get(job_id).config_path).read_text())
+    assert (request["format"], request["quant"]) == ("gguf", "q8_0")
 
 
 def test_a_wrong_llama_quantize_path_is_refused_before_any_model_loads(monkeypatch, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ROOT
 from trainer.config.presets import load_config
 from trainer.jobs.queue import JobManager
+from trainer.jobs.requests import EvaluateJob, TrainJob
 from trainer.run_dir import read_metrics, read_status
 
 
@@ -92,6 +93,7 @@ def test_stop_saves_adapter_and_leaves_no_process(make_config, manager: JobManag
     pgid = os.getpgid(pid)
     manager.stop(job_id)
     wait_until(lambda: manager.registry.get(job_id).state == "stopped", manager=manager)
+    wait_until(lambda: not psutil.pid_exists(pid), timeout=30, manager=manager)  # it exits; a tick reaps it
     job = manager.registry.get(job_id)
     assert job.exit_code == 143 and (Path(job.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
     assert not group_alive(pgid) and not psutil.pid_exists(pid)  # reaped: no zombie either
@@ -203,7 +205,7 @@ def test_side_jobs_queue_behind_training_and_report_their_result(make_config, ma
     train_id = manager.submit(load_config(make_config({"training": {"max_steps": 4}})))
     run_dir = manager.registry.get(train_id).run_dir
     heldout = str(ROOT / "data/sentiment_heldout.jsonl")
-    eval_id = manager.submit_side_job("evaluate", [run_dir, "--data", heldout, "--limit", "4"], name="tiny")
+    eval_id = manager.submit_side_job(EvaluateJob(Path(run_dir), data=heldout, limit=4), name="tiny")
     job = manager.registry.get(eval_id)
     assert job.kind == "evaluate" and Path(job.run_dir).parent.name == ".jobs" and eval_id.endswith("evaluate-tiny")
     manager.tick()
@@ -220,13 +222,13 @@ def test_side_jobs_queue_behind_training_and_report_their_result(make_config, ma
 
 
 def test_a_failing_side_job_is_failed_with_its_message(tmp_path: Path, manager: JobManager) -> None:
-    job_id = manager.submit_side_job("evaluate", [str(tmp_path / "no-such-run")])
+    job_id = manager.submit_side_job(EvaluateJob(tmp_path / "no-such-run"))
     wait_until(lambda: manager.registry.get(job_id).state in ("completed", "failed"), manager=manager)
     job = manager.registry.get(job_id)
     assert job.state == "failed" and job.exit_code == 1
     assert "no-such-run" in read_status(Path(job.run_dir))["error"]
-    with pytest.raises(ValueError, match="unknown job kind"):
-        manager.submit_side_job("rm", ["-rf"])
+    with pytest.raises(ValueError, match="not a side job: train"):
+        manager.submit_side_job(TrainJob())
 
 
 def test_a_forced_kill_reaches_a_launcher_in_a_session_of_its_own() -> None:

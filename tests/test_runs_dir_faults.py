@@ -23,6 +23,7 @@ from tests.conftest import ROOT
 from trainer.jobs.adapter_choices import adapter_choices
 from trainer.jobs.monitor import Watchers, progress
 from trainer.jobs.queue import JobManager
+from trainer.jobs.requests import EvaluateJob
 from trainer.jobs.runs_index import COLUMNS, adapter_zip
 from trainer.run_dir import FINAL_STATES, RunDir
 
@@ -207,7 +208,7 @@ def test_a_removed_run_dir_fails_its_job_and_the_next_queued_job_starts(tmp_path
     queued = make_run(runs, "gone-queued", state="queued", adapter=False)
     manager.registry.add("gone-queued", None, "train", queued / "config.yaml", queued)
     shutil.rmtree(queued)
-    side = manager.submit_side_job("evaluate", [str(tmp_path / "no-such-run")])
+    side = manager.submit_side_job(EvaluateJob(tmp_path / "no-such-run"))
     manager.tick()
     gone = manager.registry.get("gone-running")
     assert gone.state == "failed" and "run directory removed" in gone.error

@@ -33,19 +33,18 @@ def job_in(path: Path, kind: str, state: str, error: str | None = None) -> Job:
     return Job(1, path.name, None, kind, state, None, None, 0.0, None, None, "", str(path), None, error, None)
 
 
-def test_export_is_checked_then_queued_with_an_argument_list(ctx: AppContext, trained_adapter):
+def test_export_is_checked_then_queued_as_a_typed_request(ctx: AppContext, trained_adapter):
     run_dir = trained_adapter("lora")
     msg, job_id = submit_export(ctx, str(run_dir / "adapter"), "", "", "", "fp16", "1GB", "16bit", False, "")
     assert job_id is not None and msg.startswith("Queued export"), msg
     job = ctx.manager.registry.get(job_id)
-    args = json.loads(Path(job.config_path).read_text())["args"]
+    request = json.loads((Path(job.run_dir) / "job.json").read_text())
     out = ctx.runs_dir / "exports" / f"{run_dir.name}-merged"
-    assert args == ["--adapter", str(run_dir / "adapter"), "--out", str(out), "--dtype", "fp16"] + [
-        "--max-shard-size",
-        "1GB",
-        "--merge-into",
-        "16bit",
-    ]
+    assert request["kind"] == "export" and request["name"] == run_dir.name
+    assert request["adapter"] == str(run_dir / "adapter") and request["out"] == str(out)
+    assert (request["dtype"], request["max_shard_size"], request["merge_into"]) == ("fp16", "1GB", "16bit")
+    assert request["out_root"] == str(ctx.runs_dir / "exports") and "status_dir" not in request
+    assert ctx.manager._argv(job)[-3:] == ["export", "--job-dir", job.run_dir]  # no argv rebuilt from the request
     assert "queued" in export_view(ctx, job_id)[0]
 
 
@@ -73,7 +72,8 @@ def test_evaluate_is_queued_for_a_finished_run_with_held_out_data(ctx: AppContex
     run_id = adopt(ctx, run_dir)
     assert submit_evaluate(ctx, run_id).startswith("Queued evaluation")
     (job,) = ctx.jobs_newest_first("evaluate")
-    assert job.name == run_id and json.loads(Path(job.config_path).read_text())["args"] == [str(run_dir)]
+    request = json.loads(Path(job.config_path).read_text())
+    assert job.name == run_id and request["kind"] == "evaluate" and request["run_dir"] == str(run_dir)
     assert "queued" in evaluation_view(ctx, run_id)[0]
     result = {"rows": 8, "data": "heldout", "base": _score(0.0), "adapter": _score(0.875)}
     (run_dir / "eval_results.json").write_text(json.dumps(result))

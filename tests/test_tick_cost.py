@@ -20,6 +20,7 @@ from app import export_tab, runs_tab, train_tab
 from app.context import AppContext
 from app.live_views import LiveViews, StampRoute
 from app.server import build_app
+from trainer.export.merge import ExportRequest
 from trainer.jobs.monitor import Watchers
 from trainer.jobs.queue import JobManager
 from trainer.run_dir import RunDir
@@ -176,7 +177,7 @@ def test_the_runs_tab_rebuilds_its_table_and_evaluation_only_on_change(ctx: AppC
 
 def test_the_export_tab_redraws_a_job_only_when_its_files_change(ctx: AppContext, live: LiveViews) -> None:
     nothing = stamp(live, "export", None)
-    job_id = ctx.manager.submit_side_job("export", ["--adapter", "x"], name="r1")
+    job_id = ctx.manager.submit_side_job(ExportRequest(Path("x"), ctx.runs_dir / "exports" / "x"), name="r1")
     assert stamp(live, "export", None) == nothing  # no job picked: nothing to draw, ever
     shown = stamp(live, "export", job_id)
     *view, seen = export_tab.export_update(ctx, job_id, None)

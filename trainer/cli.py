@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     train = sub.add_parser("train", help="run one fine-tuning config (exit 0 done, 1 failed, 130/143 stopped)")
-    train.add_argument("config", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
+    train.add_argument("config", nargs="?", help="YAML run config (e.g. examples/tiny-qlora.yaml)")
     train.add_argument(
         "overrides",
         nargs="*",
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--run-dir", help="train into this existing run directory (set by the multi-process launcher)")
+    add_job_dir(train, "runs/<run_id>: train that queued run (its config.yaml and job.json) instead of CONFIG")
     machines = train.add_argument_group("several machines (accelerate's flags; num_gpus is per machine)")
     machines.add_argument("--num-machines", type=int, default=1)
     machines.add_argument("--machine-rank", type=int, default=0, help="0 on the main machine, 1.. on the others")
@@ -55,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     pre = sub.add_parser("preflight", help="train a few steps on the longest rows: peak memory, tokens/s, ETA")
-    pre.add_argument("config")
+    pre.add_argument("config", nargs="?")
     pre.add_argument("--steps", type=int, default=6, help="optimizer steps of each short run (default 6)")
-    pre.add_argument("--status-dir", help="also write status.json and result.json there (used by the UI's jobs)")
+    pre.add_argument("--status-dir", help="also write status.json and result.json there (a job dir without job.json)")
+    add_job_dir(pre)
 
     tiny = sub.add_parser("make-tiny-model", help="build the offline tiny model with tokenizer + chat template")
     tiny.add_argument("out_dir")
@@ -73,15 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ev = sub.add_parser("evaluate", help="score base vs adapter on a held-out file (exact match + loss)")
-    ev.add_argument("run_dir", help="a finished run directory (runs/<run_id>)")
+    ev.add_argument("run_dir", nargs="?", help="a finished run directory (runs/<run_id>)")
     ev.add_argument("--data", help="held-out data file (default: the run's eval data)")
     ev.add_argument("--max-new-tokens", type=int, default=32, help="longest greedy answer (default 32)")
     ev.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    ev.add_argument("--status-dir", help="also write status.json and result.json there (used by the UI's jobs)")
+    ev.add_argument("--status-dir", help="also write status.json and result.json there (a job dir without job.json)")
+    add_job_dir(ev)
 
     ex = sub.add_parser("export", help="merge an adapter into its base and save a plain transformers model")
-    ex.add_argument("--adapter", required=True, help="adapter directory (runs/<run_id>/adapter)")
-    ex.add_argument("--out", required=True, help="directory to write the merged model to")
+    ex.add_argument("--adapter", help="adapter directory (runs/<run_id>/adapter); required without --job-dir")
+    ex.add_argument("--out", help="directory to write the merged model to; required without --job-dir")
     ex.add_argument("--base", help="base model id or path (default: the one the adapter was trained on)")
     ex.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the saved weights")
     ex.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB or 500MB")
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export passed")
     ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export (token: HF_TOKEN or `hf auth login`)")
     ex.add_argument("--status-dir", help="also write status.json, result.json and export_report.json there")
+    add_job_dir(ex)
 
     bench = sub.add_parser("bench", help="speed and memory of the workbench against plain TRL on the same runs")
     bench.add_argument(
@@ -120,8 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_job_dir(
+    sub: argparse.ArgumentParser,
+    what: str = "run the request in DIR/job.json (how the UI's queue starts a job), writing status.json there",
+) -> None:
+    sub.add_argument("--job-dir", metavar="DIR", help=what)
+
+
+JOB_ARGS = {"train": ["config"], "preflight": ["config"], "evaluate": ["run_dir"], "export": ["adapter", "out"]}
+
+
+def job_form_problem(args: argparse.Namespace) -> str | None:
+    """--job-dir or the plain form's arguments, never both, never neither."""
+    given = [name for name in JOB_ARGS[args.command] if getattr(args, name) is not None]
+    if args.job_dir and (given or getattr(args, "overrides", None)):
+        return "--job-dir takes no other request arguments (the request is DIR/job.json)"
+    missing = [name for name in JOB_ARGS[args.command] if name not in given]
+    if not args.job_dir and missing:
+        flags = ", ".join(n.upper() if args.command != "export" else f"--{n}" for n in missing)
+        return f"the following arguments are required: {flags}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in JOB_ARGS and (problem := job_form_problem(args)):
+        print(f"lora-workbench {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     if args.command == "train" and argv is None:  # this process is the command (not a test calling main)
         from trainer.run.lean_memory import use_lean_allocator
 
@@ -145,28 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lora-workbench ui: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.command == "train":
-        from trainer.run.launch import Machines
-        from trainer.run.train import run_training
-
-        machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
-        if args.num_machines > 1 and not args.main_process_ip:
-            print(
-                "lora-workbench train: --num-machines > 1 needs --main-process-ip (machine 0's address)",
-                file=sys.stderr,
-            )
-            return 2
-        return run_training(
-            args.config, resume=args.resume, run_dir=args.run_dir, machines=machines, overrides=args.overrides
-        )
+    if args.command in JOB_ARGS:
+        return run_job(args)
     if args.command == "estimate":
         from trainer.plan.estimate import estimate_command
 
         return estimate_command(args.config, args.gpu_memory)
-    if args.command == "preflight":
-        from trainer.plan.preflight import preflight_command
-
-        return preflight_command(args.config, args.steps, args.status_dir)
     if args.command == "make-tiny-model":
         from trainer.model.tiny_model import make_tiny_model
 
@@ -180,19 +195,56 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.export.llama_cpp import build_command
 
         return build_command(args.runs_dir, args.jobs)
-    if args.command == "evaluate":
-        from trainer.export.evaluate import evaluate_command
-
-        return evaluate_command(args.run_dir, args.data, args.max_new_tokens, args.limit, args.status_dir)
-    if args.command == "export":
-        from trainer.export.job import export_command
-
-        return export_command(args)
     if args.command == "bench":
         from trainer.bench.bench import bench_command
 
         return bench_command(args)
     return 2
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """train, export, evaluate, preflight: the request from DIR/job.json (--job-dir) or built from the flags, run
+    by one function either way (trainer/jobs/requests.py)."""
+    from trainer.jobs import requests
+
+    machines = None
+    if args.command == "train":
+        from trainer.run.launch import Machines
+
+        machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+        if args.num_machines > 1 and not args.main_process_ip:
+            print(
+                "lora-workbench train: --num-machines > 1 needs --main-process-ip (machine 0's address)",
+                file=sys.stderr,
+            )
+            return 2
+    if args.job_dir:
+        return requests.run_job_dir(args.command, Path(args.job_dir), machines)
+    if args.command == "train":  # the plain form makes its run dir first (or resumes the config's own)
+        from trainer.run.train import run_training
+
+        return run_training(
+            args.config, resume=args.resume, run_dir=args.run_dir, machines=machines, overrides=args.overrides
+        )
+    try:
+        request = plain_request(args)
+    except ValueError as e:  # ExportError: --quant without --format gguf
+        print(f"lora-workbench {args.command}: {e}", file=sys.stderr)
+        return 1
+    return requests.run_request(request, Path(args.status_dir) if args.status_dir else None)
+
+
+def plain_request(args: argparse.Namespace):
+    """The request a job's job.json would hold, from the plain form's flags."""
+    from trainer.jobs.requests import EvaluateJob, PreflightJob
+
+    if args.command == "export":
+        from trainer.export.job import request_from_args
+
+        return request_from_args(args)
+    if args.command == "evaluate":
+        return EvaluateJob(Path(args.run_dir), args.data, args.max_new_tokens, args.limit)
+    return PreflightJob(Path(args.config), args.steps)
 
 
 if __name__ == "__main__":

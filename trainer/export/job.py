@@ -79,15 +79,9 @@ def cli_quant(args: argparse.Namespace) -> str:
     return (args.quant or "q8_0").lower()
 
 
-def export_command(args: argparse.Namespace) -> int:
-    """CLI entry: 0 exported and checked, 1 failed (a message on stderr, no traceback for expected failures),
-    143 stopped by SIGTERM (nothing half-written is left)."""
-    try:
-        quant = cli_quant(args)
-    except ExportError as e:
-        print(f"lora-workbench export: {e}", file=sys.stderr)
-        return 1
-    req = ExportRequest(
+def request_from_args(args: argparse.Namespace) -> ExportRequest:
+    """The plain command's flags as the request a job's job.json holds (ExportError for --quant without gguf)."""
+    return ExportRequest(
         adapter=Path(args.adapter),
         out=Path(args.out),
         base=args.base,
@@ -98,8 +92,13 @@ def export_command(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub,
         status_dir=Path(args.status_dir) if args.status_dir else None,
         format=args.format,
-        quant=quant,
+        quant=cli_quant(args),
     )
+
+
+def export_command(req: ExportRequest) -> int:
+    """The export, from the command line or a job's request: 0 exported and checked, 1 failed (a message on stderr,
+    no traceback for expected failures), 143 stopped by SIGTERM (nothing half-written is left)."""
     try:
         with stop_on_sigterm():
             report = run_export(req)

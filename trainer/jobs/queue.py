@@ -1,14 +1,15 @@
-"""The job queue: jobs start in order as `lora-workbench <kind>` subprocesses, are stopped by process group,
-and are re-attached (or marked failed) when the server that started them restarts.
+"""The job queue: jobs start in order as `lora-workbench <kind> --job-dir DIR` subprocesses, are stopped by process
+group, and are re-attached (or marked failed) when the server that started them restarts.
 
-Kinds: `train` (runs/<run_id>/, its config.yaml the argument) and the side jobs `export` and `evaluate`
-(runs/.jobs/<job_id>/ holding job.json, the command's arguments, plus status.json and job.log).
-Files stay the contract: a job writes its own status.json; the registry mirrors it for listing and ordering.
+Every job is a dir holding its typed request, job.json (trainer/jobs/requests.py): `train` in runs/<run_id>/ (with
+its config.yaml), the side jobs `export`, `evaluate` and `preflight` in runs/.jobs/<job_id>/ (with job.log). Files
+stay the contract: the job's process writes running/completed/failed/stopped into its status.json; the queue
+writes only `queued`, `stopped before it started`, and the final state of a job whose process is gone without
+one. The registry (trainer/jobs/registry.py) indexes the dirs and caches their states.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,13 +22,18 @@ import psutil
 
 from trainer.config.run_config import RunConfig
 from trainer.failure import Failure, died, failure
+from trainer.jobs.from_disk import JOBS_SUBDIR, adopt_runs_on_disk, rebuild_from_disk
+from trainer.jobs.processes import is_our_process, kill_tree, signal_group, status_process
 from trainer.jobs.registry import Job, Registry
+from trainer.jobs.requests import REQUEST_FILE, Request, TrainJob, kind_of, write_request
 from trainer.run.log_tee import CAPTURED_ENV
-from trainer.run_dir import FINAL_STATES, RunDir, StatusError, load_status, new_run_id, read_status, write_json_atomic
+from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status
+
+_kill_tree = kill_tree  # the name tests and older callers know
 
 STOP_GRACE_S = 30.0
+STARTING_GRACE_S = 30.0  # from another server's claim of a job to its recording the pid it spawned
 SIDE_KINDS = ("export", "evaluate", "preflight")
-JOBS_SUBDIR = ".jobs"
 
 
 def log_file(job: Job) -> Path:
@@ -46,22 +52,6 @@ def log_tail(run_dir: Path, lines: int = 30, name: str = "train.log") -> str:
         return ""
 
 
-def is_our_process(job: Job) -> bool:
-    """True if the job's pid is alive and is still the process we started (not a recycled pid)."""
-    if not job.pid or job.proc_start is None:
-        return False
-    try:
-        proc = psutil.Process(job.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmdline = proc.cmdline()
-        return abs(proc.create_time() - job.proc_start) < 0.01 and (
-            job.config_path in cmdline or job.run_dir in cmdline  # train gets its config, side jobs their dir
-        )
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
 class JobManager:
     """Submit, start, stop, reconcile. tick() advances the queue; start() runs it on a daemon thread."""
 
@@ -75,30 +65,27 @@ class JobManager:
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
+        if self.registry.fresh:  # a new registry.sqlite (first start, or the old one lost): list the job dirs
+            rebuild_from_disk(self.registry, self.runs_dir, self.not_listed)
         self.reattach()
 
     # --- submitting -----------------------------------------------------------------------------------
     def submit(self, cfg: RunConfig) -> str:
-        """Write runs/<run_id>/config.yaml (queued) and register it; returns the run id."""
+        """Write runs/<run_id>/config.yaml and job.json (queued) and register it; returns the run id."""
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"runs_dir": str(self.runs_dir)})})
         with self._lock:
             run_id = new_run_id(cfg.output.run_name, self.runs_dir)
-            run = RunDir(self.runs_dir / run_id)
-            run.path.mkdir(parents=True)
-            run.config.write_text(cfg.to_yaml(), encoding="utf-8")
-            write_json_atomic(run.status_file, run.status)
-            self.registry.add(run_id, cfg.output.run_name, "train", run.config, run.path)
-        return run_id
+            path = self.runs_dir / run_id
+            path.mkdir(parents=True)
+            (path / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            return self._queue(path, TrainJob(), cfg.output.run_name, path / "config.yaml")
 
-    def submit_side_job(
-        self, kind: str, args: list[str], name: str | None = None, inputs: dict[str, str] | None = None
-    ) -> str:
-        """Queue `lora-workbench <kind> ARGS --status-dir <job dir>`; returns the job id.
-
-        inputs are files written into the job dir first (e.g. a config); an argument equal to one of their
-        names becomes that file's path."""
+    def submit_side_job(self, request: Request, name: str | None = None, inputs: dict[str, str] | None = None) -> str:
+        """Queue an export, evaluate or preflight request in runs/.jobs/<job_id>/; returns the job id. inputs are
+        files written into the job dir first (a preflight's config.yaml)."""
+        kind = kind_of(request)
         if kind not in SIDE_KINDS:
-            raise ValueError(f"unknown job kind {kind!r} (one of {', '.join(SIDE_KINDS)})")
+            raise ValueError(f"not a side job: {kind} (one of {', '.join(SIDE_KINDS)})")
         root = self.runs_dir / JOBS_SUBDIR
         root.mkdir(exist_ok=True)
         with self._lock:
@@ -107,11 +94,15 @@ class JobManager:
             path.mkdir()
             for file_name, text in (inputs or {}).items():
                 (path / Path(file_name).name).write_text(text, encoding="utf-8")
-            args = [str(path / a) if a in (inputs or {}) else a for a in args]
-            write_json_atomic(path / "job.json", {"kind": kind, "args": args})
-            RunDir(path).write_status(state="queued")
-            self.registry.add(job_id, name, kind, path / "job.json", path)
-        return job_id
+            return self._queue(path, request, name, path / REQUEST_FILE)
+
+    def _queue(self, path: Path, request: Request, name: str | None, config_path: Path) -> str:
+        """The request file, then the queued status (submitted_at orders a rebuilt queue), then the index."""
+        write_request(path, request, name)
+        now = time.time()
+        RunDir(path).write_status(state="queued", submitted_at=now)
+        self.registry.add(path.name, name, kind_of(request), config_path, path, created_at=now)
+        return path.name
 
     def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when the job is not queued."""
@@ -124,22 +115,31 @@ class JobManager:
         with self._lock:
             for job in self.registry.all("running"):
                 self._reconcile(job)
-            running = len(self.registry.all("running"))
+            running_ids = {j.id for j in self.registry.all("running")}
+            self._reap(running_ids)
+            # a slot is a process: one that wrote its final state but has yet to exit (freeing its GPU memory)
+            # still holds it
+            running = len(running_ids | set(self._children))
             for job in self.registry.all("queued"):
                 if running >= self.max_running:
                     break
                 running += self._launch(job)  # one that cannot start does not take a slot
 
+    def _reap(self, running_ids: set[str]) -> None:
+        """Forget children that exited after writing their final state (no zombies left); a running job's child is
+        _reconcile's, which needs its exit code."""
+        for job_id, child in list(self._children.items()):
+            if job_id not in running_ids and child.poll() is not None:
+                del self._children[job_id]
+
     def _argv(self, job: Job) -> list[str]:
-        """The job's command line: always a list (no shell), built from files this server wrote."""
-        if job.kind == "train":  # as on the command line: the trainer decides on `accelerate launch` itself
-            return [sys.executable, "-m", "trainer", "train", job.config_path]
-        request = json.loads(Path(job.config_path).read_text(encoding="utf-8"))
-        return [sys.executable, "-m", "trainer", job.kind, *request["args"], "--status-dir", job.run_dir]
+        """The same for every kind: the job reads its request from its dir (and `train` decides on `accelerate
+        launch` itself). A list, never a shell string."""
+        return [sys.executable, "-m", "trainer", job.kind, "--job-dir", job.run_dir]
 
     def _launch(self, job: Job) -> bool:
-        """Start a queued job; one that cannot start (its dir removed, its request unreadable) is failed, so the
-        jobs behind it still start. True if it started."""
+        """Start a queued job; one that cannot start (its dir removed, no executable) is failed, so the jobs behind
+        it still start. A bad request file is the job's own to report (failure kind `config`). True if started."""
         if not Path(job.run_dir).is_dir():
             self._settle(job, "failed", "run directory removed before the job started")
             return False
@@ -147,7 +147,7 @@ class JobManager:
             return False  # no longer queued: stopped meanwhile, or launched by someone else
         try:
             self._spawn(job)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # job.json unreadable or malformed, no executable
+        except OSError as e:
             self._settle(job, "failed", f"the {job.kind} job could not start: {type(e).__name__}: {e}")
             return False
         return True
@@ -170,28 +170,29 @@ class JobManager:
         self.registry.update(job.id, pid=proc.pid, proc_start=start)
 
     def _reconcile(self, job: Job) -> None:
-        """Take the final state of a job whose process has ended, from its status.json or its death."""
+        """A job whose process has ended: its final state is the one its status.json holds (the registry reads it
+        from there), or, when it wrote none, the one the queue writes for it here."""
         child = self._children.get(job.id)
         if child is not None:
             if child.poll() is None:
                 return self._stop_if_removed(job)
             del self._children[job.id]
             exit_code = child.returncode
-        elif is_our_process(job):
+        elif is_our_process(job) or status_process(Path(job.run_dir)):
             return self._stop_if_removed(job)
+        elif self._just_claimed(job):
+            return
         else:
             exit_code = None
         status = read_status(Path(job.run_dir)) or {}  # an unreadable one is no final state: the job died
-        if status.get("state") in FINAL_STATES:
-            self.registry.update(
-                job.id,
-                state=status["state"],
-                exit_code=status.get("exit_code", exit_code),
-                error=status.get("error"),
-                ended_at=status.get("ended_at") or time.time(),
-            )
-            return
-        self._mark_dead(job, exit_code)
+        if status.get("state") not in FINAL_STATES:
+            self._mark_dead(job, exit_code)
+
+    def _just_claimed(self, job: Job) -> bool:
+        """Claimed by another server a moment ago, which has yet to record the pid it spawned."""
+        status = read_status(Path(job.run_dir)) or {}
+        fresh = time.time() - (job.started_at or 0) < STARTING_GRACE_S
+        return job.pid is None and job.id not in self._children and status.get("state") == "queued" and fresh
 
     def _stop_if_removed(self, job: Job) -> None:
         """A live job whose directory was removed can save nothing: stop it (once), so its slot frees up."""
@@ -218,7 +219,7 @@ class JobManager:
     def _settle(
         self, job: Job, state: str, error: str, exit_code: int | None = None, why: Failure | None = None
     ) -> None:
-        """A final state the job's process did not write itself: into its status.json and the registry."""
+        """A final state the job's process did not write itself: into its status.json, which the registry reads."""
         now = time.time()
         structured = why.to_status() if why is not None else None
         try:
@@ -226,8 +227,8 @@ class JobManager:
                 state=state, error=error, exit_code=exit_code, failure=structured, ended_at=now
             )
         except FileNotFoundError:  # its directory was removed: the registry alone keeps the outcome
-            pass
-        self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=now)
+            self.registry.update(job.id, state=state, error=error, exit_code=exit_code, ended_at=now)
+        self.registry.refresh(job.id)
 
     def reattach(self) -> None:
         """After a server restart: keep jobs whose process still runs, settle the ones that ended meanwhile."""
@@ -247,15 +248,24 @@ class JobManager:
                 self._settle(job, "stopped", "stopped before it started")
                 return
             self.registry.update(job_id, stop_requested=time.time())
-            if not (job.id in self._children or is_our_process(job)):
+            pid = self._live_pid(job)
+            if pid is None:
                 return
-            _signal_group(job.pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
         threading.Timer(grace_s, self._force_kill, args=(job_id,)).start()
+
+    def _live_pid(self, job: Job) -> int | None:
+        """The job's running process: the one this or another server spawned, else the one its status.json names
+        (a job listed again after the registry was rebuilt)."""
+        if job.id in self._children or is_our_process(job):
+            return job.pid
+        return status_process(Path(job.run_dir))
 
     def _force_kill(self, job_id: str) -> None:
         job = self.registry.get(job_id)
-        if job is not None and job.state == "running" and (job.id in self._children or is_our_process(job)):
-            _kill_tree(job.pid)
+        pid = self._live_pid(job) if job is not None and job.state == "running" else None
+        if pid is not None:
+            kill_tree(pid)
             child = self._children.get(job_id)
             if child is not None:
                 child.wait(timeout=30)  # reap it: no zombie
@@ -284,28 +294,9 @@ class JobManager:
     def adopt_runs_on_disk(self) -> list[str]:
         """Register finished run directories made by `lora-workbench train` outside the UI. A directory whose
         status.json cannot be used is left alone and named, with the reason, in the returned (and printed) list."""
-        known, skipped = {j.id for j in self.registry.all()}, self.not_listed
-        skipped.clear()
-        for path in sorted(self.runs_dir.iterdir()):
-            if path.name in known or not path.is_dir():
-                continue
-            try:
-                status = load_status(path)
-            except StatusError as e:
-                skipped.append(f"{path}: not listed: {e}")
-                print(skipped[-1], file=sys.stderr, flush=True)
-                continue
-            if status is None or status["state"] not in FINAL_STATES:
-                continue
-            self.registry.add(path.name, None, "train", path / "config.yaml", path, state=status["state"])
-            self.registry.update(
-                path.name,
-                exit_code=status.get("exit_code"),
-                error=status.get("error"),
-                started_at=status.get("started_at"),
-                ended_at=status.get("ended_at"),
-            )
-        return skipped
+        self.not_listed.clear()
+        adopt_runs_on_disk(self.registry, self.runs_dir, self.not_listed)
+        return self.not_listed
 
     # --- the background thread --------------------------------------------------------------------------
     def start(self, interval_s: float = 1.0) -> None:
@@ -327,27 +318,3 @@ class JobManager:
         self._stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def _kill_tree(pid: int | None) -> None:
-    """SIGKILL a job's process group and everything below it: a multi-process run's `accelerate launch` runs in
-    a session of its own (trainer/run/launch.py), which the group signal does not reach."""
-    try:
-        below = psutil.Process(pid).children(recursive=True) if pid else []
-    except psutil.NoSuchProcess:
-        below = []
-    _signal_group(pid, signal.SIGKILL)
-    for proc in below:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def _signal_group(pid: int | None, sig: int) -> None:
-    if not pid:
-        return
-    try:
-        os.killpg(os.getpgid(pid), sig)
-    except ProcessLookupError:
-        pass

@@ -1,5 +1,10 @@
-"""The job registry: one SQLite table (WAL mode) in <runs_dir>/registry.sqlite, safe to read while jobs write.
+"""The job registry: an index of the job dirs in one SQLite table (WAL mode), <runs_dir>/registry.sqlite.
 
+It holds what no job dir says: the queue order, the page's name, the pid and start time of the process a server
+spawned, and when a stop was asked for. A job's state is its status.json's: the registry's copy is a cache, refreshed
+from the file whenever the file changed (never the other way round), with two exceptions: `running` from the moment
+a server claims a queued job (compare-and-set) until its process writes its own, and the final state of a job whose
+directory is gone. Lost or unreadable, the file is rebuilt from the job dirs (JobManager.rebuild_from_disk).
 Each call opens its own short-lived connection, so UI threads and the queue thread never share one.
 """
 
@@ -12,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from trainer.run_dir import StatusError, file_stamp, load_status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -29,9 +36,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     run_dir     TEXT NOT NULL,
     exit_code   INTEGER,
     error       TEXT,
-    stop_requested REAL                             -- when a stop was asked for, if it was
+    stop_requested REAL,                            -- when a stop was asked for, if it was
+    status_stamp TEXT                               -- of the status.json the cached state was read from
 );
 """
+CACHED = ("state", "error", "exit_code", "started_at", "ended_at")  # refreshed from status.json
 
 
 @dataclass(frozen=True)
@@ -60,9 +69,23 @@ class Registry:
     def __init__(self, runs_dir: Path):
         runs_dir.mkdir(parents=True, exist_ok=True)
         self.path = runs_dir / "registry.sqlite"
+        self.fresh = not self.path.exists()  # nothing indexed yet: the job dirs are listed again
+        try:
+            self._create()
+        except sqlite3.DatabaseError:  # not a database (a torn copy, a stray file): kept aside, rebuilt
+            self.path.rename(self.path.with_name(f"registry.sqlite.unreadable-{int(time.time())}"))
+            for suffix in ("-wal", "-shm"):
+                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+            self.fresh = True
+            self._create()
+
+    def _create(self) -> None:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "status_stamp" not in have:  # a registry from before the cache was refreshed
+                db.execute("ALTER TABLE jobs ADD COLUMN status_stamp TEXT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -74,13 +97,21 @@ class Registry:
             db.close()
 
     def add(
-        self, job_id: str, name: str | None, kind: str, config_path: Path, run_dir: Path, state: str = "queued"
+        self,
+        job_id: str,
+        name: str | None,
+        kind: str,
+        config_path: Path,
+        run_dir: Path,
+        state: str = "queued",
+        created_at: float | None = None,
     ) -> None:
         with self._connect() as db:
             db.execute(
                 "INSERT INTO jobs (id, name, kind, state, created_at, config_path, run_dir) VALUES (?,?,?,?,?,?,?)",
-                (job_id, name, kind, state, time.time(), str(config_path), str(run_dir)),
+                (job_id, name, kind, state, created_at or time.time(), str(config_path), str(run_dir)),
             )
+        self.refresh(job_id)
 
     def update(self, job_id: str, **values: Any) -> None:
         unknown = set(values) - set(COLUMNS)
@@ -101,7 +132,20 @@ class Registry:
             )
             return cur.rowcount == 1
 
+    def refresh(self, job_id: str | None = None) -> None:
+        """Take the state of every job (or one) whose status.json changed since it was last read."""
+        query, args = "SELECT id, run_dir, state, status_stamp FROM jobs", ()
+        if job_id is not None:
+            query, args = query + " WHERE id = ?", (job_id,)
+        with self._connect() as db:
+            rows = db.execute(query, args).fetchall()
+            changes = [c for c in (_status_change(*row) for row in rows) if c is not None]
+            for job_id_, values in changes:
+                assignments = ", ".join(f"{k} = ?" for k in values)
+                db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id_))
+
     def get(self, job_id: str) -> Job | None:
+        self.refresh(job_id)
         with self._connect() as db:
             row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job(*row) if row else None
@@ -111,9 +155,28 @@ class Registry:
         args: tuple = ()
         if state:
             query, args = query + " WHERE state = ?", (state,)
+        self.refresh()
         with self._connect() as db:
             return [Job(*r) for r in db.execute(query + " ORDER BY seq", args).fetchall()]
 
     def delete(self, job_id: str) -> None:
         with self._connect() as db:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+
+def _status_change(job_id: str, run_dir: str, state: str, stamp: str | None) -> tuple[str, dict[str, Any]] | None:
+    """The cached columns to change for one job, or None when its status.json is as last read (or unusable, or
+    gone: then the cache keeps what it has)."""
+    now = file_stamp(Path(run_dir) / "status.json")
+    if now is None or str(now) == stamp:
+        return None
+    try:
+        status = load_status(Path(run_dir))
+    except StatusError:
+        return None
+    if status is None:
+        return None
+    values: dict[str, Any] = {"status_stamp": str(now)}
+    if status["state"] != "queued":  # only a submit writes queued: a claimed job stays running until its process
+        values.update({k: status.get(k) for k in CACHED if k != "started_at" or status.get(k) is not None})
+    return job_id, values

@@ -1,5 +1,5 @@
-"""Export and evaluate jobs as the UI sees them: the request checked and turned into command arguments before
-it is queued, and a finished job's progress, log and numbers turned into text and table rows."""
+"""Export and evaluate jobs as the UI sees them: where the page exports to, and a job's progress, log and numbers
+turned into text and table rows. (The request itself is queued as it is: trainer/jobs/requests.py.)"""
 
 from __future__ import annotations
 
@@ -7,27 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.export.fidelity import trained_line
-from trainer.export.merge import ExportRequest, validate_request
 from trainer.job_status import read_json, read_result
 from trainer.jobs.queue import log_file, log_tail
 from trainer.jobs.registry import Job
 from trainer.run_dir import read_status
-
-
-def export_args(req: ExportRequest) -> list[str]:
-    """Check the request as `lora-workbench export` would (nothing loads), then its argument list."""
-    validate_request(req)
-    args = ["--adapter", str(req.adapter), "--out", str(req.out), "--dtype", req.dtype]
-    args += ["--max-shard-size", req.max_shard_size, "--merge-into", req.merge_into]
-    if req.format == "gguf":
-        args += ["--format", "gguf", "--quant", req.quant]
-    if req.base:
-        args += ["--base", req.base]
-    if req.overwrite:
-        args.append("--overwrite")
-    if req.push_to_hub:
-        args += ["--push-to-hub", req.push_to_hub]
-    return args
 
 
 def exports_root(runs_dir: Path) -> Path:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -41,30 +42,13 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
-    """The run's directory: the config's own if it lies in <runs_dir>/<id>/config.yaml, else a new one."""
+    """The plain form's run directory: the config's own if it lies in <runs_dir>/<id>/config.yaml beside a
+    status.json (a run being resumed), else a new one. A job the queue starts names its dir (--job-dir)."""
     runs = Path(cfg.output.runs_dir).resolve()
     status = read_status(config_path.resolve().parent) if config_path.name == "config.yaml" else None
-    if status is not None:  # the config of an existing run (queued by the UI, or being resumed)
+    if status is not None:  # the config of an existing run
         path = config_path.resolve().parent
-        state = status.get("state")
-        if resuming and state == "completed":
-            raise ConfigError([f"run {path.name} already completed; nothing to resume"], str(config_path))
-        if not resuming and state != "queued":
-            raise ConfigError(
-                [
-                    f"run {path.name} is already {state}; pass --resume to continue it from its newest complete "
-                    "checkpoint, or train a copy of its config to start a new run"
-                ],
-                str(config_path),
-            )
-        if resuming and cfg.adapter.method == "adalora":
-            raise ConfigError(
-                [
-                    "adapter.method: AdaLoRA checkpoints hold pruned ranks that cannot be reloaded for training; "
-                    "resume is not supported for AdaLoRA, start a new run"
-                ],
-                str(config_path),
-            )
+        check_existing_run(path, status.get("state"), resuming, cfg.adapter.method == "adalora", str(config_path))
         return RunDir(path)
     runs.mkdir(parents=True, exist_ok=True)
     path = runs / new_run_id(cfg.output.run_name, runs)
@@ -72,6 +56,35 @@ def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
     run = RunDir(path)
     run.config.write_text(cfg.to_yaml(), encoding="utf-8")
     return run
+
+
+def check_existing_run(path: Path, state: str | None, resuming: bool, adalora: bool, source: str) -> None:
+    """An existing run trains only when it is queued (its first start) or resumed after it stopped or failed."""
+    if resuming and state == "completed":
+        raise ConfigError([f"run {path.name} already completed; nothing to resume"], source)
+    if not resuming and state != "queued":
+        raise ConfigError(
+            [
+                f"run {path.name} is already {state}; pass --resume to continue it from its newest complete "
+                "checkpoint, or train a copy of its config to start a new run"
+            ],
+            source,
+        )
+    if resuming and adalora:
+        raise ConfigError(
+            [
+                "adapter.method: AdaLoRA checkpoints hold pruned ranks that cannot be reloaded for training; "
+                "resume is not supported for AdaLoRA, start a new run"
+            ],
+            source,
+        )
+
+
+def load_run_config(path: Path, overrides: list[str], resume: bool) -> RunConfig:
+    cfg = load_config(path, overrides)
+    if resume and cfg.training.resume_from_checkpoint is None:
+        cfg.training.resume_from_checkpoint = "latest"
+    return cfg
 
 
 def note_overrides(config: Path, cfg: RunConfig, overrides: list[str]) -> None:
@@ -502,14 +515,24 @@ def run_training(
     machines: Machines = ONE_MACHINE,
     overrides: list[str] | None = None,
 ) -> int:
-    """One run. run_dir: the directory every rank of a multi-process run shares (the launching parent chose it).
+    """`lora-workbench train CONFIG.yaml`: one run in a new run dir (or the config's own, resumed). run_dir: the
+    directory every rank of a multi-process run shares (the launching parent chose it)."""
+    return stoppable(lambda stop: train_run(stop, Path(config_path), resume, run_dir, machines, overrides or []))
 
-    Stop signals are handled from the first line (trainer/run/stopping.py): a Stop while the config, the data or the
-    model loads ends the run `stopped`, as one during training does."""
+
+def run_job_dir(job_dir: Path, resume: bool, overrides: list[str], machines: Machines | None = None) -> int:
+    """`lora-workbench train --job-dir RUN`: the run dir is named, not found; its request is config.yaml plus
+    job.json's flags (trainer/jobs/requests.py)."""
+    return stoppable(lambda stop: train_job(stop, RunDir(job_dir), resume, machines or ONE_MACHINE, overrides))
+
+
+def stoppable(body: Callable[[StopRequest], int]) -> int:
+    """Stop signals are handled from the first line (trainer/run/stopping.py): a Stop while the config, the data or
+    the model loads ends the run `stopped`, as one during training does."""
     stop = StopRequest()
     try:
         with stop.installed():
-            return train_run(stop, Path(config_path), resume, run_dir, machines, overrides or [])
+            return body(stop)
     except KeyboardInterrupt:  # stopped twice before the run had a directory to record it in
         return stop.exit_code()
     finally:
@@ -521,18 +544,38 @@ def train_run(
     stop: StopRequest, path: Path, resume: bool, run_dir: str | None, machines: Machines, overrides: list[str]
 ) -> int:
     try:
-        cfg = load_config(path, overrides)
-        if resume and cfg.training.resume_from_checkpoint is None:
-            cfg.training.resume_from_checkpoint = "latest"
+        cfg = load_run_config(path, overrides, resume)
         if run_dir and not Path(run_dir, "config.yaml").is_file():
             raise ConfigError([f"--run-dir {run_dir}: not a run directory (it holds no config.yaml)"])
         run = RunDir(Path(run_dir), writer=is_main_process()) if run_dir else open_run_dir(cfg, path, resume)
         if overrides and run.config.resolve() == path.resolve():  # an existing run's own config: record what changed
             note_overrides(run.config, cfg, overrides)
     except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        mark_failed_if_run_dir(path, str(e))
-        return EXIT_FAILED
+        return refused(path, e)
+    return train_in(stop, cfg, run, resume, machines)
+
+
+def train_job(stop: StopRequest, run: RunDir, resume: bool, machines: Machines, overrides: list[str]) -> int:
+    try:
+        if not run.config.is_file():
+            raise ConfigError([f"--job-dir {run.path}: not a run directory (it holds no config.yaml)"])
+        cfg = load_run_config(run.config, overrides, resume)
+        check_existing_run(run.path, run.status.get("state"), resume, cfg.adapter.method == "adalora", str(run.config))
+        if overrides:
+            note_overrides(run.config, cfg, overrides)
+    except ConfigError as e:
+        return refused(run.config, e)
+    return train_in(stop, cfg, run, resume, machines)
+
+
+def refused(config_path: Path, e: ConfigError) -> int:
+    print(str(e), file=sys.stderr)
+    mark_failed_if_run_dir(config_path, str(e))
+    return EXIT_FAILED
+
+
+def train_in(stop: StopRequest, cfg: RunConfig, run: RunDir, resume: bool, machines: Machines) -> int:
+    """Both forms meet here: the run's processes (several through accelerate, decided here), then the stages."""
     if wants_launcher(cfg, machines) and not inside_launch():
         from trainer.run.launch import start_ranks
 
