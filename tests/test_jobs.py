@@ -237,8 +237,13 @@ def test_a_forced_kill_reaches_a_launcher_in_a_session_of_its_own() -> None:
     from trainer.jobs.queue import _kill_tree
 
     parent = subprocess.Popen(["sh", "-c", "setsid sleep 300 & wait"], start_new_session=True)
-    deadline = time.monotonic() + 10
-    while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+
+    def launcher_in_own_session() -> bool:  # `setsid` is exec'd first and leaves the session a moment later
+        children = psutil.Process(parent.pid).children()
+        return bool(children) and os.getsid(children[0].pid) != os.getsid(parent.pid)
+
+    deadline = time.monotonic() + 30
+    while not launcher_in_own_session() and time.monotonic() < deadline:
         time.sleep(0.05)
     (launcher,) = psutil.Process(parent.pid).children()
     assert os.getsid(launcher.pid) != os.getsid(parent.pid)  # out of reach of the group signal
