@@ -203,7 +203,7 @@ def test_job_queue_launches_two_cpu_ranks_on_one_run(make_config, tmp_path: Path
     job_id = manager.submit(load_config(make_config(TWO_CPU_RANKS)))
     manager.tick()
     run_dir = Path(manager.registry.get(job_id).run_dir)
-    assert manager._children[job_id].args == [sys.executable, "-m", "trainer", "train", str(run_dir / "config.yaml")]
+    assert manager._children[job_id].args == [sys.executable, "-m", "trainer", "train", "--job-dir", str(run_dir)]
     manager._children[job_id].wait(timeout=180)  # the same `lora-workbench train` as on the command line
     manager.tick()
     job = manager.registry.get(job_id)

@@ -217,8 +217,5 @@ def test_two_queues_on_one_runs_dir_launch_each_job_once(make_config, tmp_path: 
         events = [x["event"] for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "event"]
         assert events.count("start") == 1, run_id
         assert (run / "train.log").read_text().count(f"run {run_id} in ") == 1
-    assert sorted(i for m in (a, b) for i in m._children) == sorted(
-        ids
-    )  # spawned once each, by one queue or the other
     for child in [*a._children.values(), *b._children.values()]:
         child.wait(timeout=60)

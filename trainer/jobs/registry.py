@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     status_stamp TEXT                               -- of the status.json the cached state was read from
 );
 """
-CACHED = ("state", "error", "exit_code", "started_at", "ended_at")  # refreshed from status.json
+CACHED = {"state", "error", "exit_code", "started_at", "ended_at"}  # refreshed from status.json
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,8 @@ class Registry:
         unknown = set(values) - set(COLUMNS)
         if unknown:
             raise KeyError(f"unknown job columns: {unknown}")
+        if CACHED & set(values):  # a state not read from status.json: the file is read again at the next look
+            values = {**values, "status_stamp": None}
         assignments = ", ".join(f"{k} = ?" for k in values)
         with self._connect() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))
@@ -141,7 +143,8 @@ class Registry:
             rows = db.execute(query, args).fetchall()
             changes = [c for c in (_status_change(*row) for row in rows) if c is not None]
             for job_id_, values in changes:
-                assignments = ", ".join(f"{k} = ?" for k in values)
+                # started_at is when the job was launched (its claim); status.json's only fills in a missing one
+                assignments = ", ".join(f"{k} = COALESCE({k}, ?)" if k == "started_at" else f"{k} = ?" for k in values)
                 db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id_))
 
     def get(self, job_id: str) -> Job | None:
@@ -178,5 +181,5 @@ def _status_change(job_id: str, run_dir: str, state: str, stamp: str | None) -> 
         return None
     values: dict[str, Any] = {"status_stamp": str(now)}
     if status["state"] != "queued":  # only a submit writes queued: a claimed job stays running until its process
-        values.update({k: status.get(k) for k in CACHED if k != "started_at" or status.get(k) is not None})
+        values.update({k: status.get(k) for k in sorted(CACHED)})
     return job_id, values

@@ -7,7 +7,7 @@
 The parent picks the run directory once and passes it to every rank (`--run-dir`); rank 0 alone writes the
 run's files. Without CUDA, accelerate's MULTI_GPU launcher (torch.distributed.run) starts the same ranks on the
 CPU with the gloo backend (`hardware.cpu_processes`, for testing the path): one code path for both. The job
-queue starts a run as this same `lora-workbench train RUN/config.yaml` process (trainer/jobs/queue.py), so a run
+queue starts a run as this same `lora-workbench train --job-dir RUN` process (trainer/jobs/queue.py), so a run
 has one process tree however it was started, and the server never counts GPUs itself.
 """
 

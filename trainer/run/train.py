@@ -2,6 +2,7 @@
 
     lora-workbench train examples/tiny-qlora.yaml          # new run under runs/<run_id>/
     lora-workbench train runs/<run_id>/config.yaml --resume  # continue from its newest complete checkpoint
+    lora-workbench train --job-dir runs/<run_id>             # a run the UI queued (config.yaml + job.json)
 
 setup (config, run dir, signals) -> prepare (hardware check, tokenizer, data: all before the model) ->
 fit (model, adapter, SFTTrainer) -> finish (adapter + model card, status). Exit codes: 0 completed,
@@ -43,7 +44,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def open_run_dir(cfg: RunConfig, config_path: Path, resuming: bool) -> RunDir:
     """The plain form's run directory: the config's own if it lies in <runs_dir>/<id>/config.yaml beside a
-    status.json (a run being resumed), else a new one. A job the queue starts names its dir (--job-dir)."""
+    status.json (a run resumed, or a queued one trained by hand), else a new one. The queue names its dir instead
+    (--job-dir)."""
     runs = Path(cfg.output.runs_dir).resolve()
     status = read_status(config_path.resolve().parent) if config_path.name == "config.yaml" else None
     if status is not None:  # the config of an existing run
