@@ -35,7 +35,7 @@ from trainer.jobs.log_view import log_view
 from trainer.jobs.monitor import RunWatch, explain_failure, progress
 from trainer.jobs.requests import PreflightJob
 from trainer.model.model_configs import RemoteCodeRefused
-from trainer.plan.data_preview import CUT, PROMPT, TRAINED, DataPreview, pin_sources, preview_data
+from trainer.plan.data_preview import CUT, PROMPT, TRAINED, DataPreview, check_data, pin_sources, preview_data
 
 PATHS = ["recipe", "model_preset", *(f.path for f in FIELDS)]
 # What the data preview (and its passes-over-the-data warning) reads: a change to any of these re-runs it.
@@ -129,8 +129,7 @@ def preview_outputs(ctx: AppContext, values: dict[str, Any]) -> tuple[str, list,
         highlighted.extend(row.segments)
     hist = plots.length_histogram(p.report.lengths, p.max_length) if p.report and p.report.lengths else None
     errors = _problems_md(f"{len(p.errors)} row(s) cannot be used ({p.source}):", p.errors) if p.errors else ""
-    rows = p.report.rows - p.report.dropped_overlength - p.report.dropped_no_trainable if p.report else p.rows_read
-    warning = passes_warning(cfg, rows) if rows else ""
+    warning = passes_warning(cfg, p.usable_rows) if p.usable_rows else ""
     return p.verdict() + (f"  \n{warning}" if warning else ""), highlighted, hist, errors
 
 
@@ -167,9 +166,9 @@ def checked_config(ctx: AppContext, values: dict[str, Any], refused: str) -> tup
         check_model(cfg)  # the model is here and its layers and context fit the config, before the data is read
     except ConfigError as e:
         return None, _problems_md(f"{refused}. Fix these fields:", e.problems)
-    check = preview_data(cfg, n_rows=0, roots=ctx.roots)
-    if check.errors:
-        return None, _problems_md(f"{refused}: the data has problems ({check.source}):", check.errors)
+    problem = check_data(cfg, ctx.roots)  # every row, before queuing; the job reuses its tokens from the cache
+    if problem is not None:
+        return None, _problems_md(f"{refused}: the data has problems ({problem.source}):", problem.problems)
     try:
         return pin_sources(cfg, ctx.roots), ""  # the job reads the very files checked here
     except DataError as e:

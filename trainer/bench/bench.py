@@ -285,6 +285,7 @@ def model_flops(model_dir: Path, cfg: Any) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.data.cache import cache_dir
     from trainer.data.prepare import prepare_data
     from trainer.data.tokenization import chat_template_of
     from trainer.model.load import load_tokenizer
@@ -297,7 +298,8 @@ def model_flops(model_dir: Path, cfg: Any) -> float:
     n_lora = sum(ADAPTER["r"] * (m.in_features + m.out_features) for n, m in linears if n.split(".")[-1] in TARGETS)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     tokenizer = load_tokenizer(cfg, str(model_dir))
-    data = prepare_data(tokenizer, cfg.data, chat_template_of(tokenizer, None), cfg.training.seed)
+    template = chat_template_of(tokenizer, None)
+    data = prepare_data(tokenizer, cfg.data, template, cfg.training.seed, cache_dir(cfg.output.runs_dir))
     lengths = [len(r.input_ids) for r in data.train]
     s_eff = sum(n * n for n in lengths) / sum(lengths)
     return flops_per_token(n_matmul, n_lora, config.num_hidden_layers, config.num_attention_heads * head_dim, s_eff)

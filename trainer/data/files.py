@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import sys
@@ -43,20 +44,36 @@ class Row:
     data: dict[str, Any]
 
 
-def read_rows(
+@dataclass(frozen=True)
+class Source:
+    """A data source found: a local file, or a hub dataset already loaded (datasets keeps it on disk)."""
+
+    name: str  # the resolved name used in messages
+    path: Path | None = None
+    hub: Any = None  # a datasets.Dataset
+
+    def rows(self, limit: int | None = None) -> tuple[list[Row], int]:
+        """The first `limit` rows (all when None), and how many the source holds (about, for a text file cut short)."""
+        if self.path is not None:
+            return read_file(self.path, limit)
+        picked = self.hub if limit is None else self.hub.select(range(min(limit, len(self.hub))))
+        return [Row(f"row {i}", r) for i, r in enumerate(picked, start=1)], len(self.hub)
+
+
+def open_source(
     source: str, subset: str | None = None, split: str = "train", roots: list[Path] | None = None
-) -> tuple[str, list[Row]]:
-    """Rows of a local file or hub dataset, and the resolved source name used in messages.
+) -> Source:
+    """The local file or hub dataset a data source names; raises DataError.
 
     roots (the page's: trainer/config/paths.py page_roots) confine local files to those directories; None (the CLI,
     run by the machine's user) reads any path."""
     local = locate(source, roots)
     if local is not None:
-        return str(local), read_file(local)
+        return Source(str(local), path=local)
     if roots is None:
-        return source, read_hub(source, subset, split)
+        return Source(source, hub=load_hub(source, subset, split))
     try:
-        return source, read_hub(source, subset, split)
+        return Source(source, hub=load_hub(source, subset, split))
     except DataError as e:  # the hub's own error can tell which local names exist: the server log gets it
         print(f"data source {source}: {'; '.join(e.problems)}", file=sys.stderr)
         raise DataError(source, [hub_refusal(source, roots)]) from None
@@ -95,7 +112,8 @@ def _is_hub_id(source: str) -> bool:
     return path.suffix.lower() not in SUFFIXES and ".." not in path.parts and bool(HUB_ID_RE.match(source))
 
 
-def read_file(path: Path) -> list[Row]:
+def read_file(path: Path, limit: int | None = None) -> tuple[list[Row], int]:
+    """The file's first `limit` rows (all when None), and how many rows it holds (about, when the read stopped early)."""
     if path.is_dir():
         raise DataError(str(path), ["is a directory; give a .json, .jsonl, .csv or .parquet file"])
     suffix = path.suffix.lower()
@@ -104,23 +122,36 @@ def read_file(path: Path) -> list[Row]:
     if path.stat().st_size == 0:
         raise DataError(str(path), ["the file is empty"])
     reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
-    rows = reader(path)
+    rows, total = reader(path, limit)
     if not rows:
         raise DataError(str(path), ["the file holds no rows"])
-    return rows
+    return rows, total
 
 
-def _decode(path: Path) -> str:
+def _decode(path: Path, lines: int | None = None) -> tuple[str, bool]:
+    """The file's text, or only its first `lines` lines (a sample, without reading the rest); and whether that is
+    the whole file."""
+    with path.open("rb") as f:
+        data = f.read() if lines is None else b"".join(itertools.islice(f, lines))  # binary lines end at b"\n" only
+        whole = lines is None or not f.read(1)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(str(path), [f"not UTF-8 text (byte {e.start}): {e.reason}"]) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n"), whole  # universal newlines, as text mode reads
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _count_lines(path: Path) -> int:
+    """The file's line count, from its newline bytes: the size of a file whose rows were only sampled."""
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> tuple[list[Row], int]:
     rows, problems = [], []
+    text, whole = _decode(path, limit)
     # split on "\n" only: str.splitlines also breaks at U+2028/U+0085, which JSON strings may hold unescaped
-    for n, line in enumerate(_decode(path).split("\n"), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -137,16 +168,16 @@ def _read_jsonl(path: Path) -> list[Row]:
         rows.append(Row(f"line {n}", obj))
     if problems:
         raise DataError(str(path), problems)
-    return rows
+    return rows, len(rows) if whole else max(_count_lines(path), len(rows))
 
 
-def _read_json(path: Path) -> list[Row]:
-    text = _decode(path)
+def _read_json(path: Path, limit: int | None = None) -> tuple[list[Row], int]:
+    text, _ = _decode(path)  # a JSON array parses only whole
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # a .json file that is really JSON Lines
-            return _read_jsonl(path)
+            return _read_jsonl(path, limit)
         raise DataError(str(path), [f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"]) from None
     except RecursionError:
         raise DataError(str(path), [f"line {_deep_line(text)}: {TOO_DEEP}"]) from None
@@ -161,7 +192,7 @@ def _read_json(path: Path) -> list[Row]:
     ]
     if bad:
         raise DataError(str(path), bad)
-    return [Row(f"row {i}", r) for i, r in enumerate(obj, start=1)]
+    return [Row(f"row {i}", r) for i, r in enumerate(obj[:limit], start=1)], len(obj)
 
 
 def _deep_line(text: str, limit: int = DEEP_LEVELS) -> int:
@@ -188,8 +219,8 @@ def _deep_line(text: str, limit: int = DEEP_LEVELS) -> int:
     return 1
 
 
-def _read_csv(path: Path) -> list[Row]:
-    text = _decode(path)
+def _read_csv(path: Path, limit: int | None = None) -> tuple[list[Row], int]:
+    text, whole = _decode(path, None if limit is None else limit + 2)  # the header, the rows, one more
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames or any(not (f or "").strip() for f in reader.fieldnames):
         raise DataError(str(path), ["line 1: the header row must name every column"])
@@ -205,24 +236,32 @@ def _read_csv(path: Path) -> list[Row]:
         problems.append(f"line {reader.line_num + 1}: not valid CSV ({e})")
     if problems:
         raise DataError(str(path), problems)
-    return rows
+    if whole:
+        return rows, len(rows)
+    # a quoted field may span lines, so the sample's last row may be cut: it is left out
+    return rows[: min(limit, len(rows) - 1)], max(_count_lines(path) - 1, len(rows))
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path, limit: int | None = None) -> tuple[list[Row], int]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        if limit is None:
+            table = pq.read_table(path)
+            return [Row(f"row {i}", r) for i, r in enumerate(table.to_pylist(), start=1)], table.num_rows
+        with pq.ParquetFile(path) as pf:
+            batch = next(pf.iter_batches(batch_size=limit), None)
+            head = batch.to_pylist() if batch is not None else []
+            return [Row(f"row {i}", r) for i, r in enumerate(head, start=1)], pf.metadata.num_rows
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(str(path), [f"not a readable Parquet file ({e})"]) from None
-    return [Row(f"row {i}", r) for i, r in enumerate(table.to_pylist(), start=1)]
 
 
-def read_hub(dataset_id: str, subset: str | None, split: str) -> list[Row]:
+def load_hub(dataset_id: str, subset: str | None, split: str) -> Any:
+    """The hub dataset's split, as a datasets.Dataset (datasets caches it on disk)."""
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(dataset_id, subset, split=split)
+        return load_dataset(dataset_id, subset, split=split)
     except Exception as e:  # offline, unknown id, unknown split: all mean the same to the user
         raise DataError(dataset_id, [f"could not load hub dataset (subset={subset}, split={split}): {e}"]) from None
-    return [Row(f"row {i}", r) for i, r in enumerate(ds, start=1)]

@@ -81,11 +81,18 @@ def _text(data: dict, field: str, *, required: bool = True) -> str:
         raise RowError(f"field '{field}' must be text, got {type(value).__name__}")
     if required and not value.strip():
         raise RowError(f"field '{field}' is empty")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RowError(f"field '{field}' holds an invalid character (a lone UTF-16 surrogate)") from None
+    if not _encodes(value):
+        raise RowError(f"field '{field}' holds an invalid character (a lone UTF-16 surrogate)")
     return value
+
+
+def _encodes(text: str) -> bool:
+    """False for text with a lone UTF-16 surrogate (JSON's "\\ud800"), which no tokenizer or Arrow column takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _facts(data: dict) -> list[list[str]] | None:
@@ -117,7 +124,9 @@ def from_alpaca(data: dict) -> Example:
     if system := _text(data, "system", required=False):
         messages.append({"role": "system", "content": system})
     for i, turn in enumerate(data.get("history") or []):
-        if not (isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+        if not (
+            isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) and _encodes(t) for t in turn)
+        ):
             raise RowError(f"field 'history' item {i} must be a [question, answer] pair of strings")
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
@@ -171,6 +180,8 @@ def check_messages(messages: list[dict], field: str) -> list[dict]:
             raise RowError(f"field '{field}' item {i}: unknown role {m['role']!r} (expected {', '.join(CHAT_ROLES)})")
         if not isinstance(m["content"], str):
             raise RowError(f"field '{field}' item {i}: content must be text, got {type(m['content']).__name__}")
+        if not _encodes(m["content"]):
+            raise RowError(f"field '{field}' item {i}: content holds an invalid character (a lone UTF-16 surrogate)")
         if m["role"] == "assistant" and not m["content"].strip():
             raise RowError(f"field '{field}' item {i}: assistant content is empty")
     if not any(m["role"] == "assistant" for m in messages):

@@ -1,22 +1,23 @@
-"""The data step of a run: read, convert, tokenize and split, all before any model is loaded."""
+"""The data step of a run: read, convert, tokenize and split, all before any model is loaded.
+
+Tokenizing is datasets' `Dataset.map` over the converted examples, kept on disk by content (trainer/data/cache.py):
+the Start check, the pre-flight and the training process tokenize the same data under the same settings once.
+"""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.config.run_config import DataSection
-from trainer.data.files import DataError, read_rows
+from trainer.data import cache as data_cache
+from trainer.data.files import DataError, Source, open_source
 from trainer.data.formats import Example, RowError, convert_rows, detect_format, rename_columns
-from trainer.data.tokenization import (
-    IGNORE_INDEX,
-    TemplateError,
-    TokenizedRow,
-    TokenizeReport,
-    apply_overlength,
-    tokenize_example,
-)
+from trainer.data.tokenization import KEPT, TokenizedRow, TokenizeReport, tokenize_row
+
+Located = list[tuple[str, Example]]  # (row location such as "line 7", example), in the source's order
 
 
 @dataclass
@@ -27,74 +28,112 @@ class Prepared:
     eval_report: TokenizeReport | None
     format: str
     source: str
+    cached: bool = False  # the training rows' tokens came from the cache
 
 
-def load_examples(
-    source: str, cfg: DataSection, roots: list[Path] | None = None
-) -> tuple[str, str, list[tuple[str, Example]]]:
-    """(resolved source, format, [(row location, example)]) of one data source; raises DataError.
-    roots confine a local file to the page's directories (data_files.read_rows)."""
-    name, rows = read_rows(source, cfg.subset, cfg.split, roots)
+@dataclass
+class Tokenized:
+    """One source tokenized under the run's settings: tokenize_row's fields and the location, a list per field."""
+
+    source: str
+    format: str
+    columns: dict[str, list]
+    cached: bool = False
+
+    @property
+    def report(self) -> TokenizeReport:
+        c = self.columns
+        return TokenizeReport.of(c["outcome"], c["length"], c["trainable"])
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for p in self.columns["problem"] if p]
+
+    def checked(self) -> tuple[list[TokenizedRow], TokenizeReport]:
+        """The rows to train on and the counts; one DataError with every bad row, or when nothing is left to train."""
+        c, report = self.columns, self.report
+        if self.problems:
+            raise DataError(self.source, self.problems)
+        rows = [
+            TokenizedRow(ids, labels)
+            for ids, labels, outcome in zip(c["input_ids"], c["labels"], c["outcome"], strict=True)
+            if outcome in KEPT
+        ]
+        if not rows:
+            raise DataError(self.source, [f"no trainable rows left ({report.summary()})"])
+        return rows, report
+
+
+def examples_of(src: Source, cfg: DataSection, limit: int | None = None) -> tuple[str, Located, int]:
+    """(format, located examples, rows the source holds) of src's first `limit` rows (None: all); raises DataError."""
+    rows, total = src.rows(limit)
     if cfg.max_samples:
-        rows = rows[: cfg.max_samples]
+        rows, total = rows[: cfg.max_samples], min(total, cfg.max_samples)
+    if not rows:
+        raise DataError(src.name, ["the dataset holds no rows"])
     rows = [rename_columns(r, cfg.columns) for r in rows]
     fmt = cfg.format
     if fmt == "auto":
         try:
             fmt = detect_format(rows[0])
         except RowError as e:
-            raise DataError(name, [f"{rows[0].where}: {e}"]) from None
-    examples = convert_rows(rows, fmt, name, cfg.system_prompt)
-    return name, fmt, [(r.where, ex) for r, ex in zip(rows, examples, strict=True)]
+            raise DataError(src.name, [f"{rows[0].where}: {e}"]) from None
+    examples = convert_rows(rows, fmt, src.name, cfg.system_prompt)
+    return fmt, [(r.where, ex) for r, ex in zip(rows, examples, strict=True)], total
 
 
-def tokenize_rows(
-    tokenizer: Any, located: list[tuple[str, Example]], cfg: DataSection, template: str
-) -> tuple[list[TokenizedRow], TokenizeReport, list[str]]:
-    """Tokenize every example under the overlength policy: (kept rows, counts, one problem per bad row)."""
-    report, out, problems = TokenizeReport(), [], []
-    for where, example in located:
-        try:
-            row = tokenize_example(tokenizer, example, template)
-        except TemplateError as e:
-            problems.append(f"{where}: {e}")
-            continue
-        report.rows += 1
-        report.lengths.append(len(row.input_ids))
-        if len(row.input_ids) > cfg.max_length:
-            if cfg.overlength == "error":
-                problems.append(
-                    f"{where}: {len(row.input_ids)} tokens, longer than data.max_length {cfg.max_length} "
-                    "(raise max_length, or set data.overlength to truncate or drop)"
-                )
-                continue
-            kept = apply_overlength(row, cfg.max_length, cfg.overlength)
-            if kept is None:
-                report.dropped_overlength += 1
-                continue
-            truncated, row = True, kept
-        else:
-            truncated = False
-        trainable = sum(1 for x in row.labels if x != IGNORE_INDEX)
-        if trainable == 0:  # never train a prompt-only row
-            report.dropped_no_trainable += 1
-            continue
-        report.truncated += truncated
-        report.trainable_tokens += trainable
-        out.append(row)
-    return out, report, problems
+def load_examples(source: str, cfg: DataSection, roots: list[Path] | None = None) -> tuple[str, str, Located]:
+    """(resolved source, format, located examples) of one data source; raises DataError.
+    roots confine a local file to the page's directories (files.open_source)."""
+    src = open_source(source, cfg.subset, cfg.split, roots)
+    fmt, located, _ = examples_of(src, cfg)
+    return src.name, fmt, located
 
 
-def tokenize_all(
-    tokenizer: Any, located: list[tuple[str, Example]], cfg: DataSection, template: str, source: str
-) -> tuple[list[TokenizedRow], TokenizeReport]:
-    """tokenize_rows, raising one DataError with every bad row (or when nothing is left to train)."""
-    out, report, problems = tokenize_rows(tokenizer, located, cfg, template)
-    if problems:
-        raise DataError(source, problems)
-    if not out:
-        raise DataError(source, [f"no trainable rows left ({report.summary()})"])
-    return out, report
+def tokenize(tokenizer: Any, located: Located, cfg: DataSection, template: str, fingerprint: str | None = None) -> Any:
+    """A datasets.Dataset of tokenize_row's fields and "where", one row per example in order: Dataset.map."""
+    from datasets import Dataset
+
+    field = "text" if "text" in located[0][1] else "messages"
+    examples = Dataset.from_dict({"where": [w for w, _ in located], field: [ex[field] for _, ex in located]})
+    limits = (cfg.max_length, cfg.overlength)
+
+    def batch(b: dict[str, list]) -> dict[str, list]:
+        out = [
+            tokenize_row(tokenizer, w, {field: x}, limits, template) for w, x in zip(b["where"], b[field], strict=True)
+        ]
+        return {k: [o[k] for o in out] for k in out[0]}
+
+    # a fingerprint given, datasets does not hash the function (and the tokenizer inside it) to make one
+    return examples.map(batch, batched=True, remove_columns=[field], new_fingerprint=fingerprint or uuid.uuid4().hex)
+
+
+def cached_tokens(tokenizer: Any, src: Source, cfg: DataSection, template: str, cache: Path) -> Tokenized | None:
+    """src's tokens from the cache, or None when they are not there yet (nothing is read or tokenized)."""
+    return _from_cache(src, cache, data_cache.data_key(src, cfg, tokenizer, template))
+
+
+def _from_cache(src: Source, cache: Path, key: str) -> Tokenized | None:
+    found = data_cache.load(cache, key)
+    if found is None:
+        return None
+    rows, meta = found
+    return Tokenized(src.name, meta["format"], rows.to_dict(), cached=True)
+
+
+def tokenize_source(
+    tokenizer: Any, src: Source, cfg: DataSection, template: str, cache: Path | None = None
+) -> Tokenized:
+    """The whole of src read, converted and tokenized, through the cache when one is given; raises DataError for
+    rows that cannot be read or converted (those never reach the cache)."""
+    key = data_cache.data_key(src, cfg, tokenizer, template) if cache else None
+    if key and (hit := _from_cache(src, cache, key)):
+        return hit
+    fmt, located, _ = examples_of(src, cfg)
+    rows = tokenize(tokenizer, located, cfg, template, key)
+    if key:
+        data_cache.store(cache, key, rows, {"format": fmt, "rows": len(located)})
+    return Tokenized(src.name, fmt, rows.to_dict())
 
 
 def split_eval(rows: list[TokenizedRow], val_size: float, seed: int) -> tuple[list[TokenizedRow], list[TokenizedRow]]:
@@ -112,17 +151,28 @@ def split_eval(rows: list[TokenizedRow], val_size: float, seed: int) -> tuple[li
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def prepare_data(tokenizer: Any, cfg: DataSection, template: str, seed: int) -> Prepared:
-    """Everything the trainer needs from the data; every problem surfaces here as a DataError."""
-    name, fmt, located = load_examples(cfg.source, cfg)
-    train, report = tokenize_all(tokenizer, located, cfg, template, name)
+def prepare_data(
+    tokenizer: Any,
+    cfg: DataSection,
+    template: str,
+    seed: int,
+    cache: Path | None = None,
+    roots: list[Path] | None = None,
+) -> Prepared:
+    """Everything the trainer needs from the data; every problem surfaces here as a DataError. cache: the directory
+    of tokenized data (cache.cache_dir), None to tokenize without one; roots: as load_examples."""
+
+    def tokens(source: str) -> Tokenized:
+        return tokenize_source(tokenizer, open_source(source, cfg.subset, cfg.split, roots), cfg, template, cache)
+
+    main = tokens(cfg.source)
+    train, report = main.checked()
     if cfg.eval_source:
-        eval_name, _, eval_located = load_examples(cfg.eval_source, cfg)
-        eval_rows, eval_report = tokenize_all(tokenizer, eval_located, cfg, template, eval_name)
+        eval_rows, eval_report = tokens(cfg.eval_source).checked()
     else:
         train, eval_rows = split_eval(train, cfg.val_size, seed)
         eval_report = None  # the held-out rows are counted in the train report
-    return Prepared(train, eval_rows, report, eval_report, fmt, name)
+    return Prepared(train, eval_rows, report, eval_report, main.format, main.source, main.cached)
 
 
 def to_dataset(rows: list[TokenizedRow]):
@@ -132,4 +182,14 @@ def to_dataset(rows: list[TokenizedRow]):
     return Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
 
 
-__all__ = ["DataError", "Prepared", "load_examples", "prepare_data", "to_dataset", "tokenize_all", "tokenize_rows"]
+__all__ = [
+    "DataError",
+    "Prepared",
+    "Tokenized",
+    "cached_tokens",
+    "load_examples",
+    "prepare_data",
+    "to_dataset",
+    "tokenize",
+    "tokenize_source",
+]

@@ -34,6 +34,11 @@ class TokenizedRow:
     labels: list[int]
 
 
+# What became of a row: KEPT ones are trained; the two problems are bad input (listed by line), the rest are counted.
+KEPT = ("kept", "truncated")
+OUTCOMES = (*KEPT, "dropped_overlength", "dropped_no_trainable", "too_long", "unformattable")
+
+
 @dataclass
 class TokenizeReport:
     rows: int = 0
@@ -49,6 +54,21 @@ class TokenizeReport:
             f"too long, {self.dropped_no_trainable} dropped with no trainable tokens left; "
             f"{self.trainable_tokens} trainable tokens"
         )
+
+    @classmethod
+    def of(cls, outcomes: list[str], lengths: list[int | None], trainable: list[int]) -> TokenizeReport:
+        """The counts of tokenized rows from their outcome, untruncated length and trainable tokens (tokenize_row's)."""
+        report = cls()
+        for outcome, length, n in zip(outcomes, lengths, trainable, strict=True):
+            if outcome == "unformattable":  # never tokenized: no length to count
+                continue
+            report.rows += 1
+            report.lengths.append(length)
+            report.truncated += outcome == "truncated"
+            report.dropped_overlength += outcome == "dropped_overlength"
+            report.dropped_no_trainable += outcome == "dropped_no_trainable"
+            report.trainable_tokens += n
+        return report
 
 
 def chat_template_of(tokenizer: Any, override: str | None) -> str:
@@ -108,3 +128,46 @@ def apply_overlength(row: TokenizedRow, max_length: int, policy: str) -> Tokeniz
     if policy == "drop":
         return None
     return TokenizedRow(row.input_ids[:max_length], row.labels[:max_length])
+
+
+def tokenize_row(tokenizer: Any, where: str, example: Example, limits: tuple[int, str], template: str) -> dict:
+    """One example under limits (max_length, overlength policy): input_ids, labels, untruncated length, trainable
+    token count, outcome (one of OUTCOMES) and the problem, for a row that is bad input, naming its location."""
+    max_length, policy = limits
+    try:
+        row = tokenize_example(tokenizer, example, template)
+    except TemplateError as e:
+        return _outcome("unformattable", None, problem=f"{where}: {e}")
+    length = len(row.input_ids)
+    if length > max_length and policy == "error":
+        problem = (
+            f"{where}: {length} tokens, longer than data.max_length {max_length} "
+            "(raise max_length, or set data.overlength to truncate or drop)"
+        )
+        return _outcome("too_long", length, problem=problem)
+    kept = apply_overlength(row, max_length, policy)
+    if kept is None:
+        return _outcome("dropped_overlength", length)
+    trainable = sum(1 for x in kept.labels if x != IGNORE_INDEX)
+    if trainable == 0:  # never train a prompt-only row
+        return _outcome("dropped_no_trainable", length)
+    outcome = "truncated" if length > max_length else "kept"
+    return _outcome(outcome, length, kept.input_ids, kept.labels, trainable)
+
+
+def _outcome(
+    outcome: str,
+    length: int | None,
+    ids: list[int] | None = None,
+    labels: list[int] | None = None,
+    trainable: int = 0,
+    problem: str = "",
+) -> dict:
+    return {
+        "input_ids": ids or [],
+        "labels": labels or [],
+        "length": length,
+        "trainable": trainable,
+        "outcome": outcome,
+        "problem": problem,
+    }

@@ -2,7 +2,9 @@
 tokens), the token-length distribution against max_length, and every row that cannot be used, by line.
 
 It runs the same reading, conversion and tokenization as training (trainer/data/prepare.py), with the tokenizer
-only: no model weights are loaded.
+only: no model weights are loaded. A form edit looks at a sample (the first SAMPLE_ROWS rows), or at the whole
+file's counts when the cache of tokenized data has them; Start checks every row through that cache, which the job
+then reuses.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from typing import Any
 import yaml
 
 from trainer.config.run_config import ConfigError, RunConfig
-from trainer.data.files import DataError, locate
+from trainer.data.cache import cache_dir
+from trainer.data.files import DataError, Source, locate, open_source
 from trainer.data.formats import Example
-from trainer.data.prepare import load_examples, tokenize_rows
+from trainer.data.prepare import Located, Tokenized, cached_tokens, examples_of, load_examples, prepare_data, tokenize
 from trainer.data.tokenization import TemplateError, TokenizeReport, chat_template_of, render_with_spans
 from trainer.model.checks import model_source_problem
 from trainer.model.model_configs import RemoteCodeRefused, refuse_remote_code
 
 TRAINED, PROMPT, CUT = "trained", "prompt (masked)", "cut (over max_length)"
+SAMPLE_ROWS = 200  # what a form edit reads and tokenizes of a larger source: the page answers at once
 
 
 @dataclass
@@ -42,11 +46,22 @@ class DataPreview:
     report: TokenizeReport | None = None
     errors: list[str] = field(default_factory=list)
     rows_read: int = 0
+    rows_total: int = 0  # the rows the source holds (about, from a line count, when only a sample was read)
+    sampled: bool = False  # report and errors are of the first rows_read rows only
     note: str | None = None  # what the preview could not do here, and why
 
     @property
     def over_limit(self) -> int:
         return sum(n > self.max_length for n in self.report.lengths) if self.report else 0
+
+    @property
+    def usable_rows(self) -> int:
+        """The rows that will train: the sample's share of the whole source when only a sample was tokenized."""
+        r = self.report
+        if r is None:
+            return self.rows_total
+        kept = r.rows - r.dropped_overlength - r.dropped_no_trainable
+        return round(kept * self.rows_total / self.rows_read) if self.sampled else kept
 
     @property
     def ok(self) -> bool:
@@ -55,11 +70,17 @@ class DataPreview:
     def verdict(self) -> str:
         """A markdown summary: usable or not, and what happens to rows longer than max_length."""
         if self.report is None and self.note and not self.errors:
-            return f"**Data read**: {self.rows_read} rows as **{self.format}** from `{self.source}`. {self.note}."
+            of = f" of about {self.rows_total:,}" if self.rows_read < self.rows_total else ""
+            return f"**Data read**: {self.rows_read}{of} rows as **{self.format}** from `{self.source}`. {self.note}."
         if self.report is None:
             return f"**Cannot use {self.source}**"
         r = self.report
         head = "**Data OK**" if self.ok else f"**{len(self.errors)} row(s) cannot be used**"
+        if self.sampled:
+            head += (
+                f" in a sample, the first {self.rows_read:,} of about {self.rows_total:,} rows (the counts below are "
+                "the sample's; Start reads and checks every row)"
+            )
         over = {
             "truncate": f"{self.over_limit} row(s) exceed max_length {self.max_length} and will be truncated",
             "drop": f"{self.over_limit} row(s) exceed max_length {self.max_length} and will be dropped",
@@ -129,12 +150,15 @@ def segments_of(tokenizer: Any, example: Example, template: str, max_length: int
 
 
 def preview_data(cfg: RunConfig, n_rows: int = 3, roots: list[Path] | None = None) -> DataPreview:
-    """Read and tokenize cfg.data.source as training would; never raises for bad data, it lists it.
-    roots (the page's) confine the data file; a model with trust_remote_code is read but not tokenized."""
+    """Read and tokenize a sample of cfg.data.source as training would (or take the whole source's counts from the
+    cache); never raises for bad data, it lists it. roots (the page's) confine the data file; a model with
+    trust_remote_code is read but not tokenized."""
     d = cfg.data
     out = DataPreview(source=d.source, format=None, max_length=d.max_length, overlength=d.overlength)
     try:
-        out.source, out.format, located = load_examples(d.source, d, roots)
+        src = open_source(d.source, d.subset, d.split, roots)
+        out.source = src.name
+        out.format, located, out.rows_total = examples_of(src, d, SAMPLE_ROWS)
         out.rows_read = len(located)
         tok = tokenizer_for(cfg)
     except DataError as e:
@@ -147,7 +171,8 @@ def preview_data(cfg: RunConfig, n_rows: int = 3, roots: list[Path] | None = Non
         out.note = "Tokens not counted: " + "; ".join(e.problems)
         return out
     template = chat_template_of(tok, cfg.model.chat_template)
-    _, out.report, out.errors = tokenize_rows(tok, located, d, template)
+    found = _tokens(out, tok, src, cfg, template, located)
+    out.report, out.errors = found.report, found.problems
     for where, example in located:
         if len(out.rows) == n_rows:
             break
@@ -157,6 +182,44 @@ def preview_data(cfg: RunConfig, n_rows: int = 3, roots: list[Path] | None = Non
             continue  # already listed in out.errors
         out.rows.append(PreviewRow(where, segments, tokens))
     return out
+
+
+def _tokens(out: DataPreview, tok: Any, src: Source, cfg: RunConfig, template: str, located: Located) -> Tokenized:
+    """The whole source's tokens when the cache holds them (Start or a job made them), else the sample's."""
+    whole = cached_tokens(tok, src, cfg.data, template, cache_dir(cfg.output.runs_dir))
+    if whole is not None:
+        out.rows_read = out.rows_total = len(whole.columns["outcome"])
+        return whole
+    _quiet()
+    out.sampled = out.rows_read < out.rows_total
+    return Tokenized(src.name, out.format, tokenize(tok, located, cfg.data, template).to_dict())
+
+
+def check_data(cfg: RunConfig, roots: list[Path] | None) -> DataError | None:
+    """Every row of the run's data (and eval data) read, converted and tokenized as the job will, through the cache
+    of tokenized data that the job then reuses: the problem, or None. A model whose tokenizer the page does not
+    load (its own code; not on this machine) has its rows read and converted only."""
+    d = cfg.data
+    try:
+        try:
+            tok = tokenizer_for(cfg)
+        except (RemoteCodeRefused, ConfigError):
+            for source in filter(None, (d.source, d.eval_source)):
+                load_examples(source, d, roots)
+            return None
+        template = chat_template_of(tok, cfg.model.chat_template)
+        _quiet()
+        prepare_data(tok, d, template, cfg.training.seed, cache_dir(cfg.output.runs_dir), roots)
+    except DataError as e:
+        return e
+    return None
+
+
+def _quiet() -> None:
+    """No datasets progress bars in the UI server's log (a bar per form edit); the page runs no training."""
+    from datasets import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def pin_sources(cfg: RunConfig, roots: list[Path]) -> RunConfig:

@@ -110,20 +110,28 @@ def _duration(seconds: float) -> str:
 
 def longest_examples(cfg: RunConfig) -> tuple[list[dict[str, Any]], int, int]:
     """(the data's examples, longest first, as the trainer would keep them; longest length; trainable rows)."""
-    from trainer.data.prepare import load_examples, tokenize_rows
-    from trainer.data.tokenization import chat_template_of
+    from trainer.data.cache import cache_dir
+    from trainer.data.files import open_source
+    from trainer.data.prepare import examples_of, tokenize_source
+    from trainer.data.tokenization import KEPT, chat_template_of
     from trainer.model.load import load_tokenizer, model_path
 
     tokenizer = load_tokenizer(cfg, model_path(cfg))
     template = chat_template_of(tokenizer, cfg.model.chat_template)
-    name, _, located = load_examples(cfg.data.source, cfg.data)
-    sized = []
-    for where, example in located:
-        rows, _, problems = tokenize_rows(tokenizer, [(where, example)], cfg.data, template)
-        if problems:
-            raise DataError(name, problems)
-        if rows:  # dropped rows (over length, nothing trainable) are not trained, so not measured either
-            sized.append((len(rows[0].input_ids), example))
+    src = open_source(cfg.data.source, cfg.data.subset, cfg.data.split)
+    name = src.name
+    # the whole file's tokens, from the cache when the Start check or a run of the same data made them
+    tokens = tokenize_source(tokenizer, src, cfg.data, template, cache_dir(cfg.output.runs_dir))
+    if tokens.problems:
+        raise DataError(name, tokens.problems)
+    _, located, _ = examples_of(src, cfg.data)  # the rows themselves, for the short runs' data file
+    c = tokens.columns
+    # dropped rows (over length, nothing trainable) are not trained, so not measured either
+    sized = [
+        (len(ids), example)
+        for (_, example), ids, outcome in zip(located, c["input_ids"], c["outcome"], strict=True)
+        if outcome in KEPT
+    ]
     if not sized:
         raise DataError(name, ["no trainable rows"])
     sized.sort(key=lambda x: -x[0])

@@ -186,6 +186,7 @@ class Stage(NamedTuple):
 
 def prepare(s: Session) -> Stage:
     """Hardware check, tokenizer and data: everything that can fail on bad input, before any model loads."""
+    from trainer.data.cache import cache_dir
     from trainer.data.prepare import prepare_data
     from trainer.data.tokenization import chat_template_of
     from trainer.model import device
@@ -209,10 +210,12 @@ def prepare(s: Session) -> Stage:
     path = model_path(s.cfg)
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
-    data = prepare_data(tokenizer, s.cfg.data, tokenizer.chat_template, s.cfg.training.seed)
+    cache = cache_dir(s.cfg.output.runs_dir)  # the Start check's tokens (or an earlier run's) of the same data
+    data = prepare_data(tokenizer, s.cfg.data, tokenizer.chat_template, s.cfg.training.seed, cache)
     s.check_stop()
     r, e = data.report, data.eval_report
     print(f"data: {data.source} ({data.format}): {r.summary()}; {len(data.train)} train / {len(data.eval)} eval")
+    print(f"data: tokens from the cache in {cache}" if data.cached else f"data: tokenized, kept in {cache}")
     if e is not None:
         print(f"eval data: {e.summary()}")
     s.run.event(
@@ -227,6 +230,7 @@ def prepare(s: Session) -> Stage:
         train_rows=len(data.train),
         eval_rows=len(data.eval),
         trainable_tokens=r.trainable_tokens,
+        tokens_cached=data.cached,
         eval_truncated=e.truncated if e else 0,
         eval_dropped=(e.dropped_overlength + e.dropped_no_trainable) if e else 0,
     )
