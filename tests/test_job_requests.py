@@ -112,8 +112,14 @@ def test_a_request_made_bad_after_queueing_fails_through_the_queue(tmp_path: Pat
 
 
 def test_job_dir_and_the_plain_form_do_not_mix(tmp_path: Path, capsys) -> None:
-    assert main(["export", "--job-dir", str(tmp_path), "--adapter", "a"]) == 2
-    assert "--job-dir takes no other request arguments" in capsys.readouterr().err
+    assert main(["export", "--job-dir", str(tmp_path), "--adapter", "a", "--dtype", "fp16"]) == 2
+    assert "--job-dir takes no other request arguments (the request is DIR/job.json): --adapter, --dtype" in (
+        capsys.readouterr().err
+    )
+    assert main(["train", "--job-dir", str(tmp_path), "--resume", "training.max_steps=2"]) == 2
+    assert "job.json): config, --resume" in capsys.readouterr().err
+    assert main(["evaluate", "--job-dir", str(tmp_path), "--status-dir", str(tmp_path)]) == 2
+    assert "job.json): --status-dir" in capsys.readouterr().err
     assert main(["export", "--adapter", "a"]) == 2
     assert "the following arguments are required: --out" in capsys.readouterr().err
     assert main(["train"]) == 2
@@ -141,6 +147,7 @@ def test_deleting_the_registry_rebuilds_the_same_list(make_config, tmp_path: Pat
     preflight = manager.submit_side_job(PreflightJob(), name="pf", inputs={"config.yaml": cfg.to_yaml()})
     last = manager.submit(cfg)
     manager.stop(stopped)
+    manager.rename(third, "renamed-on-the-page")
     live = runs / first
     sleeper = subprocess.Popen(  # stands in for the first run's trainer: its status names it, its argv the run
         [sys.executable, "-c", "import time; time.sleep(120)", str(live)], start_new_session=True
@@ -160,6 +167,7 @@ def test_deleting_the_registry_rebuilds_the_same_list(make_config, tmp_path: Pat
             "queued",
         ]
         assert [row[6] for row in before if row[6]] == [1, 2, 3, 4]
+        assert before[3][2] == "renamed-on-the-page"
         for name in ("registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm"):
             (runs / name).unlink(missing_ok=True)
         restarted = JobManager(runs, max_running=0)

@@ -133,15 +133,21 @@ def add_job_dir(
 
 
 JOB_ARGS = {"train": ["config"], "preflight": ["config"], "evaluate": ["run_dir"], "export": ["adapter", "out"]}
+POSITIONAL = {"config", "run_dir", "overrides"}
+MACHINE_FLAGS = {"num_machines", "machine_rank", "main_process_ip", "main_process_port"}  # not part of a request
 
 
-def job_form_problem(args: argparse.Namespace) -> str | None:
+def job_form_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
     """--job-dir or the plain form's arguments, never both, never neither."""
-    given = [name for name in JOB_ARGS[args.command] if getattr(args, name) is not None]
-    if args.job_dir and (given or getattr(args, "overrides", None)):
-        return "--job-dir takes no other request arguments (the request is DIR/job.json)"
-    missing = [name for name in JOB_ARGS[args.command] if name not in given]
-    if not args.job_dir and missing:
+    if args.job_dir:
+        defaults = vars(parser.parse_args([args.command, "--job-dir", args.job_dir]))
+        given = [k for k, v in vars(args).items() if k not in MACHINE_FLAGS and v != defaults[k]]
+        if given:
+            names = ", ".join(k if k in POSITIONAL else "--" + k.replace("_", "-") for k in given)
+            return f"--job-dir takes no other request arguments (the request is DIR/job.json): {names}"
+        return None
+    missing = [name for name in JOB_ARGS[args.command] if getattr(args, name) is None]
+    if missing:
         flags = ", ".join(n.upper() if args.command != "export" else f"--{n}" for n in missing)
         return f"the following arguments are required: {flags}"
     return None
@@ -150,7 +156,7 @@ def job_form_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in JOB_ARGS and (problem := job_form_problem(args)):
+    if args.command in JOB_ARGS and (problem := job_form_problem(parser, args)):
         print(f"lora-workbench {args.command}: error: {problem}", file=sys.stderr)
         return 2
     if args.command == "train" and argv is None:  # this process is the command (not a test calling main)

@@ -25,7 +25,7 @@ from trainer.failure import Failure, died, failure
 from trainer.jobs.from_disk import JOBS_SUBDIR, adopt_runs_on_disk, rebuild_from_disk
 from trainer.jobs.processes import is_our_process, kill_tree, signal_group, status_process
 from trainer.jobs.registry import Job, Registry
-from trainer.jobs.requests import REQUEST_FILE, Request, TrainJob, kind_of, write_request
+from trainer.jobs.requests import REQUEST_FILE, Request, TrainJob, kind_of, rename_request, write_request
 from trainer.run.log_tee import CAPTURED_ENV
 from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status
 
@@ -290,6 +290,9 @@ class JobManager:
         if not RUN_NAME_RE.match(name):
             raise ValueError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
         self.registry.update(job_id, name=name)
+        job = self.registry.get(job_id)
+        if job is not None:
+            rename_request(Path(job.run_dir), name)
 
     def adopt_runs_on_disk(self) -> list[str]:
         """Register finished run directories made by `lora-workbench train` outside the UI. A directory whose

@@ -105,21 +105,32 @@ def read_request(job_dir: Path, kind: str) -> Request:
     return request
 
 
-def request_name(job_dir: Path) -> str | None:
-    """The job's name on the page, from its job.json (None when it has none or it is unreadable)."""
+def request_field(job_dir: Path, key: str) -> object:
+    """One field of a job's job.json, or None when it has none or the file is unreadable (listing never fails)."""
     try:
-        name = json.loads((job_dir / REQUEST_FILE).read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads((job_dir / REQUEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def request_name(job_dir: Path) -> str | None:
+    """The job's name on the page."""
+    name = request_field(job_dir, "name")
     return name if isinstance(name, str) else None
 
 
 def request_kind(job_dir: Path) -> str | None:
-    try:
-        kind = json.loads((job_dir / REQUEST_FILE).read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+    kind = request_field(job_dir, "kind")
     return kind if kind in KINDS else None
+
+
+def rename_request(job_dir: Path, name: str) -> None:
+    """A new name from the page, kept in job.json too, so that a rebuilt registry lists it (a run made on the command
+    line has no job.json: its name lives in the registry alone)."""
+    if request_field(job_dir, "kind") is not None:
+        data = json.loads((job_dir / REQUEST_FILE).read_text(encoding="utf-8"))
+        write_json_atomic(job_dir / REQUEST_FILE, {**data, "name": name})
 
 
 def fail_job(job_dir: Path, error: str) -> None:
