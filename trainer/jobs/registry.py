@@ -4,7 +4,7 @@ It holds what no job dir says: the queue order, the page's name, the pid and sta
 spawned, and when a stop was asked for. A job's state is its status.json's: the registry's copy is a cache, refreshed
 from the file whenever the file changed (never the other way round), with two exceptions: `running` from the moment
 a server claims a queued job (compare-and-set) until its process writes its own, and the final state of a job whose
-directory is gone. Lost or unreadable, the file is rebuilt from the job dirs (JobManager.rebuild_from_disk).
+directory is gone. Lost or unreadable, the file is rebuilt from the job dirs (trainer/jobs/from_disk.py).
 Each call opens its own short-lived connection, so UI threads and the queue thread never share one.
 """
 
@@ -25,14 +25,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order
     id          TEXT NOT NULL UNIQUE,               -- the run id (directory name)
     name        TEXT,
-    kind        TEXT NOT NULL,                      -- train | export
-    state       TEXT NOT NULL,                      -- queued | running | completed | failed | stopped
+    kind        TEXT NOT NULL,                      -- train | export | evaluate | preflight
+    state       TEXT NOT NULL,                      -- status.json's state (cached), or a claim's running
     pid         INTEGER,
     proc_start  REAL,                               -- the process's start time: tells our pid from a reused one
     created_at  REAL NOT NULL,
-    started_at  REAL,
+    started_at  REAL,                               -- when it was launched (its claim)
     ended_at    REAL,
-    config_path TEXT NOT NULL,
+    config_path TEXT NOT NULL,                      -- its request: a run's config.yaml, a side job's job.json
     run_dir     TEXT NOT NULL,
     exit_code   INTEGER,
     error       TEXT,

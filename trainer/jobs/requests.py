@@ -163,6 +163,8 @@ def run_request(request: Request, job_dir: Path | None = None, machines: Machine
     if isinstance(request, TrainJob):  # the plain `train CONFIG.yaml` form creates its run dir first: run_training
         from trainer.run.train import run_job_dir as train_in_job_dir
 
+        if job_dir is None:
+            raise ValueError("a train request runs in its run dir (--job-dir)")
         return train_in_job_dir(job_dir, request.resume, request.overrides, machines)
     status_dir = str(job_dir) if job_dir is not None else None
     if isinstance(request, ExportRequest):
