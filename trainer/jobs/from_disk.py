@@ -59,9 +59,9 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def job_dirs(runs_dir: Path, not_listed: list[str]) -> list[Found]:
-    """Every job dir with a usable status.json, in queue order; an unusable one is named in not_listed (and
-    printed), with the reason."""
+def job_dirs(runs_dir: Path, not_listed: list[str], say: bool = True) -> list[Found]:
+    """Every job dir with a usable status.json, in queue order; an unusable one is named in not_listed (and, with
+    say, printed), with the reason."""
     found = []
     side = runs_dir / JOBS_SUBDIR
     candidates = [(p, "train") for p in sorted(runs_dir.iterdir()) if not p.name.startswith(".")]
@@ -73,7 +73,8 @@ def job_dirs(runs_dir: Path, not_listed: list[str]) -> list[Found]:
             status = load_status(path)
         except StatusError as e:
             not_listed.append(f"{path}: not listed: {e}")
-            print(not_listed[-1], file=sys.stderr, flush=True)
+            if say:
+                print(not_listed[-1], file=sys.stderr, flush=True)
             continue
         kind = kind or request_kind(path)
         if status is not None and kind is not None:
@@ -82,9 +83,10 @@ def job_dirs(runs_dir: Path, not_listed: list[str]) -> list[Found]:
 
 
 def rebuild_from_disk(registry: Registry, runs_dir: Path, not_listed: list[str]) -> None:
-    """List every job dir again, with its state from its status.json (the registry was new or lost)."""
+    """List every job dir again, with its state from its status.json (the registry was new or lost). What cannot
+    be listed is said by adopt_runs_on_disk, which the server runs next."""
     known = {j.id for j in registry.all()}
-    for f in job_dirs(runs_dir, not_listed):
+    for f in job_dirs(runs_dir, not_listed, say=False):
         if f.path.name not in known and (f.status["state"] in FINAL_STATES or f.submitted):
             f.add_to(registry)
 
