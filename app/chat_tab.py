@@ -10,16 +10,16 @@ from typing import Any
 import gradio as gr
 
 from app.context import AppContext
-from trainer.chat.adapter_source import AdapterError
-from trainer.chat.engine import BASE, QUANT_CHOICES, GenerationSettings
-from trainer.config.run_config import ConfigError
-from trainer.jobs.adapter_choices import (
+from app.views.adapter_choices import (
     adapter_choices,
     adapter_name,
     gpu_busy_warning,
     resolve_base,
     resolve_user_dir,
 )
+from trainer.chat.adapter_source import AdapterError
+from trainer.chat.engine import BASE, QUANT_CHOICES, GenerationSettings
+from trainer.config.run_config import ConfigError
 
 Chat = list[dict[str, str]]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.views.monitor import Watchers
+from app.views.runs_index import SummaryCache
 from trainer.chat.engine import ChatEngine
 from trainer.config.paths import page_roots
-from trainer.jobs.monitor import Watchers
 from trainer.jobs.queue import JobManager
 from trainer.jobs.registry import Job
-from trainer.jobs.runs_index import SummaryCache
 
 DEFAULT_EXAMPLE = "examples/smollm2-persona.yaml"  # what a fresh page starts with: the real model + persona data
 

@@ -12,20 +12,20 @@ import gradio as gr
 
 from app.context import AppContext
 from app.live_views import POKE_CLASS, LiveView, LiveViews
-from trainer.chat.adapter_source import AdapterError
-from trainer.config.run_config import ConfigError
-from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
-from trainer.export.merge import ExportError, ExportRequest, validate_request
-from trainer.jobs.adapter_choices import adapter_choices, adapter_name, resolve_base, resolve_user_dir
-from trainer.jobs.queue import log_file
-from trainer.jobs.runs_index import zip_adapter
-from trainer.jobs.side_jobs import (
+from app.views.adapter_choices import adapter_choices, adapter_name, resolve_base, resolve_user_dir
+from app.views.runs_index import zip_adapter
+from app.views.side_jobs import (
     default_export_dir,
     export_result_md,
     exports_root,
     job_log,
     progress_md,
 )
+from trainer.chat.adapter_source import AdapterError
+from trainer.config.run_config import ConfigError
+from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
+from trainer.export.merge import ExportError, ExportRequest, validate_request
+from trainer.jobs.queue import log_file
 from trainer.run_dir import file_stamp
 
 BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait

@@ -1,4 +1,4 @@
-"""The log view the Train and Runs tabs share: trainer/jobs/log_view.py's text in a box that follows the newest line."""
+"""The log view the Train and Runs tabs share: app/views/log_view.py's text in a box that follows the newest line."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from gradio.components.plot import PlotData
 
-from trainer.jobs.monitor import Series, ema
+from app.views.monitor import Series, ema
 
 _LAYOUT = {
     "height": 300,

@@ -13,10 +13,10 @@ from app import plots
 from app.context import AppContext
 from app.live_views import POKE_CLASS, LiveView, LiveViews
 from app.log_widget import log_box
-from trainer.jobs.log_view import log_view
+from app.views.log_view import log_view
+from app.views.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
+from app.views.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 from trainer.jobs.requests import EvaluateJob
-from trainer.jobs.runs_index import COLUMNS, adapter_zip, config_diff, config_section, loss_curves, read_config
-from trainer.jobs.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows, progress_md, read_eval
 from trainer.run_dir import file_stamp
 
 BACKGROUND = {"show_progress": "hidden", "concurrency_limit": None}  # timers' events: read-only, pages never wait

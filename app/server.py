@@ -142,7 +142,7 @@ def page_js(live: LiveViews) -> str:
 
 def prepare_default_model(ctx: AppContext) -> None:
     """Start building the default example's built-in model now, so the first Start does not wait for it."""
-    from trainer.config.form import default_values
+    from app.views.form import default_values
     from trainer.model.builtin_models import start_prepare
 
     model_id = default_values(str(ctx.runs_dir), ctx.example).get("model.name_or_path")

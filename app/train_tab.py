@@ -14,8 +14,7 @@ from app import plots
 from app.context import AppContext
 from app.live_views import POKE_CLASS, LiveView, LiveViews
 from app.log_widget import log_box
-from app.widgets import make_field, make_widget
-from trainer.config.form import (
+from app.views.form import (
     FIELDS,
     GROUPS,
     after_data_change,
@@ -27,12 +26,13 @@ from trainer.config.form import (
     passes_warning,
     shown_fields,
 )
+from app.views.log_view import log_view
+from app.views.monitor import RunWatch, explain_failure, progress
+from app.widgets import make_field, make_widget
 from trainer.config.presets import list_presets, load_preset
 from trainer.config.run_config import ConfigError, RunConfig
 from trainer.data.files import DataError
 from trainer.data.uploads import dataset_choices, store_upload
-from trainer.jobs.log_view import log_view
-from trainer.jobs.monitor import RunWatch, explain_failure, progress
 from trainer.jobs.requests import PreflightJob
 from trainer.model.model_configs import RemoteCodeRefused
 from trainer.plan.data_preview import CUT, PROMPT, TRAINED, DataPreview, check_data, pin_sources, preview_data
@@ -201,8 +201,8 @@ def start_preflight(ctx: AppContext, values: dict[str, Any]) -> tuple[str, str |
 
 def preflight_md(ctx: AppContext, job_id: str | None) -> str:
     """The pre-flight job's progress, then what it measured (and the change that fits, after an OOM)."""
+    from app.views.side_jobs import progress_md
     from trainer.job_status import read_result
-    from trainer.jobs.side_jobs import progress_md
     from trainer.plan.preflight import PreflightReport
 
     job = ctx.manager.registry.get(job_id) if job_id else None

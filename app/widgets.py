@@ -1,4 +1,4 @@
-"""Gradio widgets for the form fields of trainer/config/form.py: one control per RunConfig knob, with its help text."""
+"""Gradio widgets for the form fields of app/views/form.py: one control per RunConfig knob, with its help text."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from trainer.config.form import ONLY_FOR, FormField
+from app.views.form import ONLY_FOR, FormField
 
 
 def elem_id(path: str) -> str:

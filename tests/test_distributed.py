@@ -18,10 +18,10 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
 from app.plots import memory_figure
+from app.views.monitor import Series
 from tests.conftest import ROOT, only_run
 from trainer.config.presets import build_config, load_config
 from trainer.config.run_config import ConfigError
-from trainer.jobs.monitor import Series
 from trainer.jobs.queue import JobManager
 from trainer.model.device import hardware_problems
 from trainer.run.launch import Machines, launch_argv, preset_file

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from app.views.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows
 from trainer.config.run_config import DataSection
 from trainer.data.files import DataError
 from trainer.data.prepare import load_examples
 from trainer.export.evaluate import metrics, missing_facts, print_summary, row_result
-from trainer.jobs.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, eval_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

@@ -288,8 +288,8 @@ def test_a_16bit_merge_of_a_qlora_run_reports_how_far_it_is_from_the_model_it_wa
     assert f"against the model it was trained with (the 4bit base + adapter): max |logit diff| {drift}" in stdout
     assert f"{trained['greedy_agreement']:.1%}" in stdout and "--merge-into dequantized keeps" in stdout
 
+    from app.views.side_jobs import export_result_md
     from trainer.jobs.registry import Job
-    from trainer.jobs.side_jobs import export_result_md
 
     job = Job(1, "export-1", None, "export", "completed", None, None, 0.0, None, None, "", str(status_dir), None,
               None, None)  # fmt: skip

@@ -2,7 +2,7 @@
 CLI builds, a new dataset does not keep the example's eval file, a run that repeats its data says so, labels
 are words, method-only knobs show for their method, and Start shows the new run's (empty) plots at once.
 
-Pure logic (trainer/config/form.py, app/train_tab.py's handlers) and the page's wiring read from the built Blocks;
+Pure logic (app/views/form.py, app/train_tab.py's handlers) and the page's wiring read from the built Blocks;
 no browser, no training (the job manager starts nothing).
 """
 
@@ -20,8 +20,7 @@ import yaml
 from app.context import AppContext
 from app.live_views import LiveViews
 from app.train_tab import build_train_tab, monitor_update, preview_outputs, start_and_watch, upload_outputs
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, Server
-from trainer.config.form import (
+from app.views.form import (
     BY_PATH,
     FIELDS,
     apply_preset,
@@ -31,9 +30,10 @@ from trainer.config.form import (
     form_values,
     shown_fields,
 )
+from app.views.monitor import Watchers
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, Server
 from trainer.config.presets import build_config, load_config
 from trainer.config.run_config import RunConfig
-from trainer.jobs.monitor import Watchers
 from trainer.jobs.queue import JobManager
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import plots
+from app.views.adapter_choices import adapter_choices
+from app.views.monitor import RunWatch, explain_failure, progress
+from app.views.runs_index import SummaryCache, loss_curves, summarize
 from trainer.config.presets import load_config
 from trainer.config.run_config import ConfigError, DataSection
 from trainer.data.files import DataError
 from trainer.data.prepare import load_examples
-from trainer.jobs.adapter_choices import adapter_choices
-from trainer.jobs.monitor import RunWatch, explain_failure, progress
 from trainer.jobs.queue import JobManager
-from trainer.jobs.runs_index import SummaryCache, loss_curves, summarize
 from trainer.metrics_reader import NUMBER_KEYS
 from trainer.run_dir import FINAL_STATES, STATES, RunDir, StatusError, load_status
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
+from app.views.side_jobs import export_result_md
 from tests.conftest import ROOT
 from tests.test_side_jobs import job_in
 from trainer.export.job import run_export
 from trainer.export.merge import ExportError, ExportRequest
 from trainer.export.target import MARKER
-from trainer.jobs.side_jobs import export_result_md
 from trainer.model.builtin_models import cache_root
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from app.views.adapter_choices import adapter_choices, gpu_busy_warning, resolve_user_dir, run_adapter
 from trainer.chat.adapter_source import AdapterError, read_adapter, shape_problems
 from trainer.chat.engine import BASE, ChatEngine, GenerationSettings
-from trainer.jobs.adapter_choices import adapter_choices, gpu_busy_warning, resolve_user_dir, run_adapter
 from trainer.jobs.registry import Job
 from trainer.run.callbacks import CHECKPOINT_MARKER
 

@@ -124,3 +124,14 @@ def test_trainer_never_imports_gradio_and_only_the_cli_reaches_the_ui() -> None:
             if root == "gradio" or (root == "app" and module != "trainer.cli"):
                 wrong.append(f"{module}:{line} imports {target}")
     assert wrong == [], "\n".join(wrong)
+
+
+def test_the_page_view_models_are_pure_python() -> None:
+    """app/views/ computes what the tabs show without Gradio, so it is tested without a browser or a Blocks."""
+    wrong = [
+        f"{module_name(path)}:{line} imports {target}"
+        for path in sorted((ROOT / "app" / "views").rglob("*.py"))
+        for line, target in imports(path)
+        if target.split(".")[0] == "gradio"
+    ]
+    assert wrong == [], "\n".join(wrong)

@@ -12,7 +12,7 @@ import pytest
 from app.context import AppContext
 from app.runs_tab import open_run
 from app.train_tab import monitor_update
-from trainer.jobs.log_view import fold_repeats, log_view, screen_lines
+from app.views.log_view import fold_repeats, log_view, screen_lines
 from trainer.jobs.queue import JobManager
 
 KERNELS = (

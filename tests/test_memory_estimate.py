@@ -107,8 +107,8 @@ def test_estimate_command_checks_a_named_gpu_size(make_config, capsys):
 
 
 def test_every_run_records_its_prediction(make_config, tmp_path):
+    from app.views.runs_index import summarize
     from tests.conftest import only_run
-    from trainer.jobs.runs_index import summarize
     from trainer.run.train import run_training
     from trainer.run_dir import read_metrics
 

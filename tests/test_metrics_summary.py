@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from app.views.monitor import RunWatch
+from app.views.runs_index import SummaryCache, summarize
 from trainer.bench.bench import workbench_measure
-from trainer.jobs.monitor import RunWatch
 from trainer.jobs.registry import COLUMNS, Job
-from trainer.jobs.runs_index import SummaryCache, summarize
 from trainer.metrics_summary import MetricsSummary
 from trainer.plan.preflight import measure
 

@@ -14,7 +14,7 @@ import pytest
 
 from app.context import AppContext
 from app.train_tab import estimate_md, preview_outputs, start_run
-from trainer.config.form import default_values
+from app.views.form import default_values
 from trainer.jobs.queue import JobManager
 from trainer.run.train import run_training
 

@@ -21,7 +21,7 @@ from app.chat_tab import load_models
 from app.context import AppContext
 from app.export_tab import submit_export
 from app.train_tab import estimate_md, preview_outputs, start_run
-from trainer.config.form import default_values
+from app.views.form import default_values
 from trainer.config.run_config import RunConfig
 from trainer.data.uploads import store_upload
 from trainer.jobs.queue import JobManager
@@ -241,8 +241,8 @@ def test_chat_refuses_and_export_checks_without_running_the_models_own_code(ctx,
 def test_a_typed_base_under_the_servers_cwd_reads_the_same_as_a_missing_one(ctx, monkeypatch):
     """The chat/export base override: a directory under the cwd (outside the roots) and a made-up hub id get one
     message, so the page cannot probe which names exist where the server was started."""
+    from app.views.adapter_choices import resolve_base
     from trainer.chat.adapter_source import AdapterError
-    from trainer.jobs.adapter_choices import resolve_base
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -19,12 +19,12 @@ import pytest
 from app.context import AppContext
 from app.runs_tab import not_listed_md, table_rows, zip_note
 from app.train_tab import monitor_update
+from app.views.adapter_choices import adapter_choices
+from app.views.monitor import Watchers, progress
+from app.views.runs_index import COLUMNS, adapter_zip
 from tests.conftest import ROOT
-from trainer.jobs.adapter_choices import adapter_choices
-from trainer.jobs.monitor import Watchers, progress
 from trainer.jobs.queue import JobManager
 from trainer.jobs.requests import EvaluateJob
-from trainer.jobs.runs_index import COLUMNS, adapter_zip
 from trainer.run_dir import FINAL_STATES, RunDir
 
 STATE = COLUMNS.index("state")

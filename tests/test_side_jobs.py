@@ -11,10 +11,10 @@ import pytest
 from app.context import AppContext
 from app.export_tab import export_view, submit_export
 from app.runs_tab import evaluation_view, submit_evaluate
+from app.views.side_jobs import eval_rows, export_result_md, progress_md
 from tests.conftest import ROOT
 from trainer.jobs.queue import JobManager
 from trainer.jobs.registry import Job
-from trainer.jobs.side_jobs import eval_rows, export_result_md, progress_md
 from trainer.run_dir import write_json_atomic
 
 
@@ -138,7 +138,7 @@ def test_progress_and_fidelity_text(tmp_path: Path):
 
 def test_preflight_from_the_form_runs_as_a_job_and_reports(tmp_path: Path):
     from app.train_tab import preflight_md, start_preflight
-    from trainer.config.form import default_values
+    from app.views.form import default_values
 
     ctx = AppContext(tmp_path / "runs", JobManager(tmp_path / "runs", max_running=1, cwd=ROOT))
     values = default_values(str(ctx.runs_dir), "examples/tiny-lora.yaml")

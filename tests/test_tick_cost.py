@@ -20,8 +20,8 @@ from app import export_tab, runs_tab, train_tab
 from app.context import AppContext
 from app.live_views import LiveViews, StampRoute
 from app.server import build_app
+from app.views.monitor import Watchers
 from trainer.export.merge import ExportRequest
-from trainer.jobs.monitor import Watchers
 from trainer.jobs.queue import JobManager
 from trainer.run_dir import RunDir
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from app.server import AUTH_ENV, LaunchError, check_exposure, is_loopback, parse_auth, read_auth
-from trainer.config.form import (
+from app.views.form import (
     FIELDS,
     SECTIONS,
     apply_preset,
@@ -20,15 +20,8 @@ from trainer.config.form import (
     default_values,
     form_values,
 )
-from trainer.config.presets import build_config, load_config
-from trainer.config.run_config import ConfigError, RunConfig
-from trainer.data.files import DataError
-from trainer.data.prepare import load_examples
-from trainer.data.tokenization import chat_template_of, render_with_spans
-from trainer.data.uploads import dataset_choices, store_upload, uploads_dir
-from trainer.jobs.monitor import RunWatch, Series, Watchers, ema, explain_failure, progress
-from trainer.jobs.registry import Job
-from trainer.jobs.runs_index import (
+from app.views.monitor import RunWatch, Series, Watchers, ema, explain_failure, progress
+from app.views.runs_index import (
     COLUMNS,
     SummaryCache,
     config_diff,
@@ -38,6 +31,13 @@ from trainer.jobs.runs_index import (
     summarize,
     zip_adapter,
 )
+from trainer.config.presets import build_config, load_config
+from trainer.config.run_config import ConfigError, RunConfig
+from trainer.data.files import DataError
+from trainer.data.prepare import load_examples
+from trainer.data.tokenization import chat_template_of, render_with_spans
+from trainer.data.uploads import dataset_choices, store_upload, uploads_dir
+from trainer.jobs.registry import Job
 from trainer.plan.data_preview import CUT, PROMPT, TRAINED, preview_data, tokenizer_for
 from trainer.run_dir import write_json_atomic
 
@@ -57,7 +57,7 @@ def config_error(values: dict, runs_dir: str = "runs") -> ConfigError:
     return e.value
 
 
-# --- trainer/config/form.py ----------------------------------------------------------------------------------------
+# --- app/views/form.py ----------------------------------------------------------------------------------------
 
 
 def test_every_config_knob_has_a_form_field_with_help() -> None:
@@ -304,7 +304,7 @@ def test_preview_verdict_says_overlength_rows_are_dropped(make_config, tmp_path:
     assert not preview.ok and any("line 2" in e and "max_length" in e for e in preview.errors)
 
 
-# --- trainer/jobs/monitor.py -------------------------------------------------------------------------------------
+# --- app/views/monitor.py -------------------------------------------------------------------------------------
 
 
 def _line(kind: str, step: int, **kw) -> str:
@@ -437,7 +437,7 @@ def test_explain_failure_shows_the_structured_failure_never_parsing_text() -> No
     assert other is not None and "without an error message" in other and other.startswith("### The run failed")
 
 
-# --- trainer/jobs/runs_index.py ----------------------------------------------------------------------------------
+# --- app/views/runs_index.py ----------------------------------------------------------------------------------
 
 
 def _make_run(runs: Path, run_id: str = "20250101-000000-abcd", *, quant: str = "4bit") -> Path:

@@ -1,6 +1,6 @@
 """What a run's metrics lines add up to, folded one line at a time: the one place a run's figures are computed.
 
-The Runs tab's rows (jobs/runs_index), the Train tab's progress line (jobs/monitor), the pre-flight's short runs
+The Runs tab's rows (app/views/runs_index), the Train tab's progress line (app/views/monitor), the pre-flight's short runs
 (plan/preflight) and the bench (bench/bench) all take their losses, peak memory, throughput and the memory
 estimate from a MetricsSummary, so "peak memory" means the same everywhere: the largest GPU peak the run's system
 lines report, or the process's largest RSS on a machine without one. Lines come from MetricsTail (already checked

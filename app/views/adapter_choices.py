@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from app.views.runs_index import config_section, read_config
 from trainer.chat.adapter_source import AdapterError
 from trainer.config.paths import HUB_ID_RE, inside_roots, refusal
 from trainer.jobs.registry import Job
-from trainer.jobs.runs_index import config_section, read_config
 from trainer.model.checks import hub_model_problem
 
 

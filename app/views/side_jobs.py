@@ -19,7 +19,7 @@ def exports_root(runs_dir: Path) -> Path:
 
 
 def default_export_dir(runs_dir: Path, adapter_dir: str | Path) -> Path:
-    from trainer.jobs.adapter_choices import adapter_name
+    from app.views.adapter_choices import adapter_name
 
     return exports_root(runs_dir) / f"{adapter_name(adapter_dir)}-merged"
 
