@@ -69,12 +69,13 @@ def _eval_loss(cfg_path: Path, **training) -> float:
     from trainer.data.prepare import to_dataset
     from trainer.model.load import load_model
     from trainer.model.peft_config import to_peft_config
-    from trainer.run.train import Session, open_run_dir, prepare, to_sft_config
+    from trainer.run.train import Session, load_data, open_run_dir, setup_run, to_sft_config
 
     cfg = load_config(cfg_path)
     cfg = RunConfig.model_validate({**cfg.model_dump(), "training": {**cfg.training.model_dump(), **training}})
     s = Session(cfg, open_run_dir(cfg, cfg_path, False))
-    device_plan, path, tokenizer, data = prepare(s)
+    device_plan, path, tokenizer, _ = setup = setup_run(s)
+    data = load_data(s, setup)
     trainer = SFTTrainer(
         model=load_model(cfg, path, device_plan),
         args=to_sft_config(cfg, s.run, device_plan.trainer_flags, has_eval=True),

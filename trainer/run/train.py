@@ -128,7 +128,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, flags: dict[str, bool], has_eval:
         # Rows arrive already cut to max_length (data.overlength). TRL refuses padding_free without packing while
         # max_length is set, as it would not cut them itself.
         max_length=None if t.padding_free and t.packing is not True else cfg.data.max_length,
-        packing=t.packing is True,  # 'auto' is decided in prepare()
+        packing=t.packing is True,  # 'auto' is decided in decide_memory_options()
         packing_strategy="bfd",  # rows kept whole and apart; "wrapped" cuts rows and lets them attend to each other
         padding_free=t.padding_free,
         loss_type="nll",  # plain token NLL; TRL 1.16's "chunked_nll" is only a deprecated alias of it
@@ -159,7 +159,7 @@ def resume_checkpoint(cfg: RunConfig, run: RunDir) -> str | None:
 
 
 class Session:
-    """State shared by the stages of one run: prepare -> fit -> save_adapter -> finish."""
+    """State shared by the stages of one run: setup -> load_data -> build_trainer -> fit -> save_adapter -> finish."""
 
     def __init__(self, cfg: RunConfig, run: RunDir, request: StopRequest | None = None):
         from trainer.run.callbacks import StopSignal
@@ -175,19 +175,17 @@ class Session:
         self.request.check()
 
 
-class Stage(NamedTuple):
-    """What prepare hands to fit: the machine's plan and the checked model path, tokenizer and data."""
+class Setup(NamedTuple):
+    """What setup_run checked and chose: the machine's plan, the model path, the tokenizer, the checkpoint to resume."""
 
     plan: DevicePlan
     path: str
     tokenizer: Any
-    data: Prepared
+    resume: str | None
 
 
-def prepare(s: Session) -> Stage:
-    """Hardware check, tokenizer and data: everything that can fail on bad input, before any model loads."""
-    from trainer.data.cache import cache_dir
-    from trainer.data.prepare import prepare_data
+def setup_run(s: Session) -> Setup:
+    """Hardware, model and resume checks and the tokenizer: what can fail on bad input, before any data or model."""
     from trainer.data.tokenization import chat_template_of
     from trainer.model import device
     from trainer.model.checks import check_model
@@ -210,7 +208,19 @@ def prepare(s: Session) -> Stage:
     path = model_path(s.cfg)
     tokenizer = load_tokenizer(s.cfg, path)
     tokenizer.chat_template = chat_template_of(tokenizer, s.cfg.model.chat_template)
-    cache = cache_dir(s.cfg.output.runs_dir)  # the Start check's tokens (or an earlier run's) of the same data
+    if plan.attn != s.cfg.model.attn_implementation:
+        print(f"model.attn_implementation {s.cfg.model.attn_implementation} -> {plan.attn}")
+    s.facts.update(base_model=s.cfg.model.name_or_path, precision=plan.precision)
+    return Setup(plan, path, tokenizer, resume_checkpoint(s.cfg, s.run))
+
+
+def load_data(s: Session, setup: Setup) -> Prepared:
+    """Read, convert and tokenize the data (from the cache when the Start check or an earlier run did it)."""
+    from trainer.data.cache import cache_dir
+    from trainer.data.prepare import prepare_data
+
+    tokenizer = setup.tokenizer
+    cache = cache_dir(s.cfg.output.runs_dir)
     data = prepare_data(tokenizer, s.cfg.data, tokenizer.chat_template, s.cfg.training.seed, cache)
     s.check_stop()
     r, e = data.report, data.eval_report
@@ -234,17 +244,14 @@ def prepare(s: Session) -> Stage:
         eval_truncated=e.truncated if e else 0,
         eval_dropped=(e.dropped_overlength + e.dropped_no_trainable) if e else 0,
     )
+    s.facts.update(train_rows=len(data.train), data_format=data.format)
+    return data
+
+
+def decide_memory_options(s: Session, plan: DevicePlan) -> None:
+    """The memory estimate, and what `auto` gradient checkpointing and packing become for this run."""
     decide_checkpointing(s, plan.cuda, record_memory_estimate(s))
     decide_packing(s, plan)
-    if plan.attn != s.cfg.model.attn_implementation:
-        print(f"model.attn_implementation {s.cfg.model.attn_implementation} -> {plan.attn}")
-    s.facts.update(
-        base_model=s.cfg.model.name_or_path,
-        train_rows=len(data.train),
-        data_format=data.format,
-        precision=plan.precision,
-    )
-    return Stage(plan, path, tokenizer, data)
 
 
 def decide_precision(s: Session, cuda: bool, bf16_ok: bool) -> bool:
@@ -314,8 +321,8 @@ def announce_auto(s: Session, field: str, choice: bool, why: str) -> None:
     s.run.event(0, field, enabled=choice, reason=why)
 
 
-def fit(s: Session, stage: Stage) -> WorkbenchSFTTrainer:
-    """Load the model, wrap it with the adapter and train; returns the trainer."""
+def build_trainer(s: Session, setup: Setup, data: Prepared) -> WorkbenchSFTTrainer:
+    """Load the model and build TRL's trainer around it with the adapter, the data and the callbacks."""
     from trainer.data.prepare import to_dataset
     from trainer.model.load import count_parameters, load_model
     from trainer.model.peft_config import adalora_schedule_problem, to_peft_config
@@ -324,12 +331,11 @@ def fit(s: Session, stage: Stage) -> WorkbenchSFTTrainer:
     from trainer.run.lean_memory import lean_training
     from trainer.run.sft_trainer import WorkbenchSFTTrainer
 
-    plan, path, tokenizer, data = stage
+    plan, path, tokenizer, _ = setup
     world = int(os.environ.get("WORLD_SIZE", "1"))
     total = total_optimizer_steps(s.cfg, len(data.train), world)
     if problem := adalora_schedule_problem(s.cfg, total):
         raise ConfigError([problem])
-    resume = resume_checkpoint(s.cfg, s.run)
     s.check_stop()
     print(f"loading the model: {path}", flush=True)
     model = load_model(s.cfg, path, plan)
@@ -382,10 +388,14 @@ def fit(s: Session, stage: Stage) -> WorkbenchSFTTrainer:
         adapter_mb=round(trainable * 4 / 2**20, 3),
         max_steps=total,
     )
+    return trainer
+
+
+def fit(s: Session, trainer: WorkbenchSFTTrainer, resume: str | None) -> None:
+    """Train, from the checkpoint to resume if any."""
     s.check_stop()
     s.request.training = True  # from here a stop ends the run after the current step, saving the adapter
     trainer.train(resume_from_checkpoint=resume)
-    return trainer
 
 
 class SharedTokenCounter:
@@ -493,7 +503,11 @@ def execute(s: Session) -> int:
     s.run.event(0, "start", run_id=s.run.run_id, pid=os.getpid(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         s.check_stop()  # a stop that came while the config was read
-        trainer = fit(s, prepare(s))
+        setup = setup_run(s)
+        data = load_data(s, setup)
+        decide_memory_options(s, setup.plan)
+        trainer = build_trainer(s, setup, data)
+        fit(s, trainer, setup.resume)
         if s.nan_guard is not None and s.nan_guard.error:
             return finish(s, "failed", EXIT_FAILED, s.nan_guard.error, failure("nan", s.nan_guard.error))
         save_adapter(s, trainer)
