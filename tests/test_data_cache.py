@@ -85,13 +85,21 @@ FILL = """
 import sys, time
 from pathlib import Path
 from transformers import AutoTokenizer
+import trainer.data.cache as data_cache
 from trainer.config.run_config import DataSection
 from trainer.data.prepare import prepare_data
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
-go = Path(sys.argv[4])
-print("ready", flush=True)
-while not go.exists():  # both processes look the entry up at the same moment
-    time.sleep(0.01)
+go, store = Path(sys.argv[4]), data_cache.store
+
+
+def store_together(*args):  # both processes have missed and tokenized: they write the one entry at the same moment
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+    store(*args)
+
+
+data_cache.store = store_together
 data = prepare_data(tok, DataSection(source=sys.argv[2], max_length=32), tok.chat_template, 0, Path(sys.argv[3]))
 print("cached" if data.cached else "tokenized", len(data.train))
 """
@@ -105,7 +113,7 @@ def test_two_processes_filling_the_cache_at_once_both_succeed(tok, tiny_model: P
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
-    assert [out.split() for out, _ in outs] == [["tokenized", "400"]] * 2  # both filled the one entry at once
+    assert [out.split() for out, _ in outs] == [["tokenized", "400"]] * 2
     assert len(entries(cache)) == 1 and not any(n.startswith(".tmp") for n in entries(cache))
     here = prepare_data(tok, DataSection(source=str(data), max_length=32), tok.chat_template, 0, cache)
     assert here.cached and len(here.train) == 400  # this process's key is theirs

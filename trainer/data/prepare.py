@@ -18,6 +18,7 @@ from trainer.data.formats import Example, RowError, convert_rows, detect_format,
 from trainer.data.tokenization import KEPT, TokenizedRow, TokenizeReport, tokenize_row
 
 Located = list[tuple[str, Example]]  # (row location such as "line 7", example), in the source's order
+REPORT_COLUMNS = ["outcome", "length", "trainable", "problem"]  # what Tokenized.report and .problems read
 
 
 @dataclass
@@ -108,16 +109,20 @@ def tokenize(tokenizer: Any, located: Located, cfg: DataSection, template: str, 
     return examples.map(batch, batched=True, remove_columns=[field], new_fingerprint=fingerprint or uuid.uuid4().hex)
 
 
-def cached_tokens(tokenizer: Any, src: Source, cfg: DataSection, template: str, cache: Path) -> Tokenized | None:
-    """src's tokens from the cache, or None when they are not there yet (nothing is read or tokenized)."""
-    return _from_cache(src, cache, data_cache.data_key(src, cfg, tokenizer, template))
+def cached_tokens(
+    tokenizer: Any, src: Source, cfg: DataSection, template: str, cache: Path, columns: list[str] | None = None
+) -> Tokenized | None:
+    """src's tokens from the cache (only `columns`, e.g. REPORT_COLUMNS, when given), or None when they are not there
+    yet (nothing is read or tokenized)."""
+    return _from_cache(src, cache, data_cache.data_key(src, cfg, tokenizer, template), columns)
 
 
-def _from_cache(src: Source, cache: Path, key: str) -> Tokenized | None:
+def _from_cache(src: Source, cache: Path, key: str, columns: list[str] | None = None) -> Tokenized | None:
     found = data_cache.load(cache, key)
     if found is None:
         return None
     rows, meta = found
+    rows = rows.select_columns(columns) if columns else rows  # Arrow reads only those from the mapped file
     return Tokenized(src.name, meta["format"], rows.to_dict(), cached=True)
 
 
@@ -183,6 +188,7 @@ def to_dataset(rows: list[TokenizedRow]):
 
 
 __all__ = [
+    "REPORT_COLUMNS",
     "DataError",
     "Prepared",
     "Tokenized",

@@ -20,7 +20,16 @@ from trainer.config.run_config import ConfigError, RunConfig
 from trainer.data.cache import cache_dir
 from trainer.data.files import DataError, Source, locate, open_source
 from trainer.data.formats import Example
-from trainer.data.prepare import Located, Tokenized, cached_tokens, examples_of, load_examples, prepare_data, tokenize
+from trainer.data.prepare import (
+    REPORT_COLUMNS,
+    Located,
+    Tokenized,
+    cached_tokens,
+    examples_of,
+    load_examples,
+    prepare_data,
+    tokenize,
+)
 from trainer.data.tokenization import TemplateError, TokenizeReport, chat_template_of, render_with_spans
 from trainer.model.checks import model_source_problem
 from trainer.model.model_configs import RemoteCodeRefused, refuse_remote_code
@@ -186,7 +195,7 @@ def preview_data(cfg: RunConfig, n_rows: int = 3, roots: list[Path] | None = Non
 
 def _tokens(out: DataPreview, tok: Any, src: Source, cfg: RunConfig, template: str, located: Located) -> Tokenized:
     """The whole source's tokens when the cache holds them (Start or a job made them), else the sample's."""
-    whole = cached_tokens(tok, src, cfg.data, template, cache_dir(cfg.output.runs_dir))
+    whole = cached_tokens(tok, src, cfg.data, template, cache_dir(cfg.output.runs_dir), REPORT_COLUMNS)
     if whole is not None:
         out.rows_read = out.rows_total = len(whole.columns["outcome"])
         return whole
