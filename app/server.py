@@ -159,6 +159,18 @@ def import_model_libraries() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
+def check_port(host: str, port: int) -> None:
+    """LaunchError naming --port when host:port is taken (Gradio would say it only after the queue started)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()  # SO_REUSEADDR, as uvicorn: TIME_WAIT is free
+    except OSError as e:
+        raise LaunchError(
+            f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); another server (or program) has it: "
+            "stop it, or choose another port with --port"
+        ) from None
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
@@ -174,6 +186,7 @@ def serve(
     missing = [d for d in data_dirs or [] if not Path(d).is_dir()]
     if missing:
         raise LaunchError(f"--data-dir {missing[0]}: no such directory")
+    check_port(host, port)  # before the lock and the registry: a refused server leaves nothing in the runs dir
     root = Path(runs_dir).resolve()
     try:  # before the queue starts: a second server must not launch the first one's queued jobs
         runs_lock = hold_runs_dir(root, f"http://{host}:{port}")

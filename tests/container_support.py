@@ -141,7 +141,7 @@ def build_image(log: Path) -> str:
             "BASE_IMAGE": BASE_IMAGE,
             "TORCH_SPEC": TORCH_SPEC,
             "PIP_EXTRA_ARGS": "--no-index --find-links /tmp/wheels",  # offline from the mounted wheels
-            "LLAMA_CPP": "",  # skip compiling llama.cpp's quantizer (~10 min on 2 cores; proven by hand, issue 19)
+            "LLAMA_CPP": "",  # skip compiling llama.cpp's quantizer (~5 min on 2 cores; proven by hand, issue 19)
         }
         argv = [*PODMAN, "build", "--isolation=chroot", "--format=docker", "--layers", "-t", IMAGE]
         argv += [a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")]

@@ -127,3 +127,65 @@ def test_a_gguf_of_a_tiny_model_adapter_is_refused_before_any_model_loads(
         run_export(ExportRequest(adapter=run_dir / "adapter", out=out, base=base, format="gguf", quant="q8_0"))
     assert "llama.cpp's converter does not know" in str(err.value) and "--format safetensors works" in str(err.value)
     assert not out.exists()
+
+
+def test_ctrl_c_during_an_export_says_stopped_without_a_traceback(
+    trained_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C (SIGINT to the process group) unwinds like the page's Stop: temp dir gone, status stopped, exit 130."""
+    real_save = export_module.save_model
+
+    def save_then_sigint(model, tokenizer, tmp, max_shard_size):
+        real_save(model, tokenizer, tmp, max_shard_size)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT did not stop the export")
+
+    monkeypatch.setattr(export_module, "save_model", save_then_sigint)
+    out, status_dir = tmp_path / "merged", tmp_path / "job"
+    argv = ["export", "--adapter", str(trained_adapter("lora") / "adapter"), "--out", str(out)]
+    assert main([*argv, "--status-dir", str(status_dir)]) == 128 + signal.SIGINT
+    assert not out.exists() and partials(out) == []
+    status = read_status(status_dir)
+    assert status["state"] == "stopped" and status["exit_code"] == 130 and "SIGINT" in status["error"]
+    err = capsys.readouterr().err
+    assert "export stopped" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_an_adapter_config_whose_rank_is_not_its_weights_is_refused_before_any_model_loads(
+    trained_adapter, tmp_path: Path, no_model_load
+) -> None:
+    """An edited adapter_config.json (r 8 on rank-4 weights) made PEFT fail after the base loaded, with a
+    420-line state_dict error: now it is one message that names the file and the layers."""
+    import json
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter("lora") / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["r"] = config["r"] * 2
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"adapter_config.json does not match its weights") as err:
+        run_export(ExportRequest(adapter=adapter, out=tmp_path / "out"))
+    assert f"says rank {config['r']}, its weights have rank {config['r'] // 2}" in str(err.value)
+    config["rank_pattern"] = {"q_proj": config["r"] // 2}  # a rank_pattern entry is the rank of its layers
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError) as err:
+        run_export(ExportRequest(adapter=adapter, out=tmp_path / "out"))
+    assert "q_proj" not in str(err.value).split("weights (")[1] and "k_proj" in str(err.value)
+
+
+def test_a_config_yaml_beside_an_adapter_outside_a_run_dir_is_not_its_run_config(
+    trained_adapter, tmp_path: Path
+) -> None:
+    """A PEFT adapter copied into a project that has its own config.yaml: that file is not the adapter's run."""
+    import shutil
+
+    adapter = tmp_path / "project" / "adapter"
+    shutil.copytree(trained_adapter("lora") / "adapter", adapter)
+    (adapter / "workbench_config.yaml").unlink()
+    (adapter.parent / "config.yaml").write_text("server: {port: 8080}\n")
+    source = read_adapter(adapter)
+    assert source.cfg is None and source.base  # the base comes from adapter_config.json
+    (adapter.parent / "status.json").write_text('{"state": "completed"}')  # now it is a run dir: its config counts
+    with pytest.raises(AdapterError, match=r"its run config is invalid"):
+        read_adapter(adapter)

@@ -74,7 +74,7 @@ def quantizer() -> str:
     if (found := find_quantizer(cache_root("runs"))) is None:
         pytest.skip(
             "K-QUANT EXPORT NOT TESTED: llama.cpp's llama-quantize is not built in the test cache; run "
-            "`LORA_WORKBENCH_CACHE=~/.cache/lora-workbench-tests lora-workbench build-llama-cpp` (about 10 min on "
+            "`LORA_WORKBENCH_CACHE=~/.cache/lora-workbench-tests lora-workbench build-llama-cpp` (about 5 min on "
             "2 cores) or set $LLAMA_QUANTIZE"
         )
     return found

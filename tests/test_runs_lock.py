@@ -53,3 +53,17 @@ def test_the_second_ui_server_exits_before_touching_the_queue(tmp_path: Path) ->
     assert f"another LoRA Workbench server is using it (pid {os.getpid()}, http://127.0.0.1:7860" in done.stderr
     assert json.loads((queued / "status.json").read_text()) == {"state": "queued"}
     assert not (runs / "registry.sqlite").exists()  # no queue was built on it
+
+
+def test_a_taken_port_is_refused_naming_port_before_the_runs_dir_is_touched(tmp_path: Path) -> None:
+    """A second server on the first one's port (another runs dir): one line naming --port, and nothing written in
+    its runs dir (Gradio's own error came after the lock and the registry were made, with a traceback)."""
+    import socket
+
+    from app.server import LaunchError, serve
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(LaunchError, match=rf"--port {port}: cannot listen on 127.0.0.1:{port}"):
+            serve(port=port, runs_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

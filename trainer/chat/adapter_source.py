@@ -7,6 +7,7 @@ no model weights are loaded, so a wrong path or a mismatched base is reported be
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,13 @@ def run_config_of(adapter_dir: Path) -> RunConfig | None:
     """The workbench config saved with the adapter, or the run's config.yaml for a checkpoint inside a run dir."""
     from trainer.config.presets import load_config
 
-    for candidate in (
-        adapter_dir / "workbench_config.yaml",
-        adapter_dir.parent / "config.yaml",  # runs/<id>/adapter
-        adapter_dir.parent.parent / "config.yaml",  # runs/<id>/checkpoints/checkpoint-N
-    ):
-        if candidate.is_file():
-            return load_config(candidate)
+    saved = adapter_dir / "workbench_config.yaml"
+    if saved.is_file():
+        return load_config(saved)
+    for run in (adapter_dir.parent, adapter_dir.parent.parent):  # runs/<id>/adapter, runs/<id>/checkpoints/ckpt-N
+        # only a run dir's config.yaml (beside its status.json): any other project's config.yaml is not the run's
+        if (run / "config.yaml").is_file() and (run / "status.json").is_file():
+            return load_config(run / "config.yaml")
     return None
 
 
@@ -125,6 +126,23 @@ def shape_problems(shapes: dict[str, list[int]], modules: dict[str, tuple[int, i
     return problems
 
 
+def rank_problems(shapes: dict[str, list[int]], peft_config: dict[str, Any]) -> list[str]:
+    """LoRA tensors whose rank is not the one adapter_config.json names (r, or its rank_pattern entry): PEFT would
+    build layers of that rank and then fail to load the weights into them, after the base model has loaded."""
+    if str(peft_config.get("peft_type", "LORA")).upper() != "LORA" or not isinstance(peft_config.get("r"), int):
+        return []  # AdaLoRA's ranks are its own budget; other types name no r
+    pattern = peft_config.get("rank_pattern") or {}
+    problems = []
+    for key, shape in sorted(shapes.items()):
+        if not key.endswith(".lora_A.weight") or len(shape) != 2:
+            continue
+        name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        want = next((r for k, r in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), peft_config["r"])
+        if shape[0] != want:
+            problems.append(f"{name}: adapter_config.json says rank {want}, its weights have rank {shape[0]}")
+    return problems
+
+
 def base_linear_shapes(base: str) -> dict[str, tuple[int, int]]:
     """(in, out) features of every linear layer of a base model, built on the meta device from its config.json.
     Never with the model repo's own code: this runs in the UI server too (the chat and export checks)."""
@@ -156,12 +174,22 @@ def check_fits_base(source: AdapterSource) -> None:
                 "server never runs; tick model.trust_remote_code in the run's config so its jobs may"
             ) from None
         raise
-    problems = shape_problems(adapter_shapes(source), modules)
+    shapes = adapter_shapes(source)
+    if mismatched := rank_problems(shapes, source.peft_config):
+        raise AdapterError(
+            f"adapter {source.path}: adapter_config.json does not match its weights (edited, or copied from "
+            f"another adapter):\n{listed(mismatched)}\nRestore the adapter_config.json saved with these weights."
+        )
+    problems = shape_problems(shapes, modules)
     if problems:
         trained_on = source.peft_config.get("base_model_name_or_path") or "another model"
-        shown = "\n".join(f"  - {p}" for p in problems[:5])
-        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise AdapterError(
             f"adapter {source.path} does not fit base {source.base}: it was trained on {trained_on}.\n"
-            f"{shown}{more}\nChoose the base it was trained on."
+            f"{listed(problems)}\nChoose the base it was trained on."
         )
+
+
+def listed(problems: list[str], shown: int = 5) -> str:
+    """The first problems as a list, and how many more there are."""
+    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "\n".join(f"  - {p}" for p in problems[:shown]) + more

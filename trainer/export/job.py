@@ -38,6 +38,9 @@ def run_export(req: ExportRequest) -> dict[str, Any]:
     except ExportStopped as e:
         progress.status.stopped(str(e), 128 + signal.SIGTERM)
         raise
+    except KeyboardInterrupt:  # Ctrl-C: unwound like SIGTERM, the temp dir removed on the way
+        progress.status.stopped(INTERRUPTED, 128 + signal.SIGINT)
+        raise
     except Exception as e:
         expected = isinstance(e, (AdapterError, ConfigError, ExportError))
         progress.copy_report(getattr(e, "report", None))
@@ -46,6 +49,9 @@ def run_export(req: ExportRequest) -> dict[str, Any]:
     progress.copy_report(report)
     progress.status.finish(report)
     return report
+
+
+INTERRUPTED = "interrupted (SIGINT, Ctrl-C): export stopped; its temp files were removed"
 
 
 class ExportStopped(BaseException):
@@ -108,6 +114,9 @@ def export_command(req: ExportRequest) -> int:
     except ExportStopped as e:
         print(f"lora-workbench export: {e}", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"lora-workbench export: {INTERRUPTED}", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception:  # unexpected: status.json has the message, the log keeps the traceback
         traceback.print_exc()
         return 1

@@ -33,7 +33,7 @@ PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 CONVERTER = "convert_hf_to_gguf.py"
 BUILD = f"llama.cpp-{VERSION}-build"  # in the cache: bin/llama-quantize, bin/llama-completion
 BUILD_HINT = (
-    "build it once with `lora-workbench build-llama-cpp` (needs cmake and a C++ compiler; ~10 min on 2 cores), "
+    "build it once with `lora-workbench build-llama-cpp` (needs cmake and a C++ compiler; about 5 min on 2 cores, download included), "
     "or set $LLAMA_QUANTIZE or put llama-quantize on PATH; the Docker image has it"
 )
 
