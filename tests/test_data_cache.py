@@ -180,3 +180,50 @@ def test_a_sample_read_stops_early_and_keeps_whole_rows(tmp_path: Path) -> None:
     array.write_text(json.dumps([{"text": f"t{i}"} for i in range(30)]))
     rows, total = read_file(array, 5)
     assert len(rows) == 5 and total == 30
+
+
+@pytest.mark.parametrize("damage", ["cut arrow", "bad meta", "meta without format", "rows removed", "other rows"])
+def test_a_damaged_cache_entry_is_tokenized_again_and_replaced(tok, tmp_path: Path, damage: str) -> None:
+    """A cut, edited or swapped entry never fails a run nor feeds it other rows: it is rebuilt from the file."""
+    import shutil
+
+    cache, data = tmp_path / "cache", rows_file(tmp_path / "d.jsonl", 40)
+    cfg = DataSection(source=str(data), max_length=32)
+    first = prepare_data(tok, cfg, tok.chat_template, 0, cache)
+    (entry,) = (cache / name for name in entries(cache))
+    if damage == "cut arrow":
+        arrow = next((entry / "rows").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    elif damage == "bad meta":
+        (entry / "meta.json").write_text("garbage{")
+    elif damage == "meta without format":
+        (entry / "meta.json").write_text("{}")
+    elif damage == "rows removed":
+        shutil.rmtree(entry / "rows")
+    else:  # another entry's rows (fewer) under this key
+        small = prepare_data(tok, cfg.model_copy(update={"max_samples": 5}), tok.chat_template, 0, cache)
+        assert small.report.rows == 5
+        other = next(cache / n for n in entries(cache) if cache / n != entry)
+        shutil.rmtree(entry / "rows")
+        shutil.copytree(other / "rows", entry / "rows")
+    again = prepare_data(tok, cfg, tok.chat_template, 0, cache)
+    assert not again.cached and again.report == first.report
+    assert [r.input_ids for r in again.train] == [r.input_ids for r in first.train]
+    assert prepare_data(tok, cfg, tok.chat_template, 0, cache).cached  # replaced: the next one hits
+
+
+def test_a_same_size_edit_with_its_mtime_put_back_is_a_new_key(tok, tmp_path: Path) -> None:
+    """The server remembers file hashes by their stat: a same-size edit under `touch -r` still changes ctime."""
+    import os
+
+    cache, data = tmp_path / "cache", rows_file(tmp_path / "d.jsonl", 20)
+    cfg = DataSection(source=str(data), max_length=32)
+    before = prepare_data(tok, cfg, tok.chat_template, 0, cache)
+    st = data.stat()
+    text = data.read_text()
+    data.write_text(text.replace("positive", "zqxjvkwy"))  # same length
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    after = prepare_data(tok, cfg, tok.chat_template, 0, cache)
+    assert not after.cached and len(entries(cache)) == 2
+    assert after.report.trainable_tokens != before.report.trainable_tokens or after.train != before.train

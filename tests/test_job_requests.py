@@ -227,3 +227,60 @@ def test_two_queues_on_one_runs_dir_launch_each_job_once(make_config, tmp_path: 
         assert (run / "train.log").read_text().count(f"run {run_id} in ") == 1
     for child in [*a._children.values(), *b._children.values()]:
         child.wait(timeout=60)
+
+
+@pytest.mark.parametrize("state", ["completed", "failed", "running", "not a job"])
+def test_a_refused_job_dir_leaves_a_status_it_did_not_queue_alone(tmp_path: Path, state: str, capsys) -> None:
+    """--job-dir on a finished run, a running one or any dir that is not a queued job: refused with the reason,
+    and that dir's status.json (the run's real outcome, or a user's own file) is left as it was."""
+    job_dir = tmp_path / "some-dir"
+    job_dir.mkdir()
+    status = {"mine": True} if state == "not a job" else {"state": state, "exit_code": 0, "ended_at": 1.0}
+    (job_dir / "status.json").write_text(json.dumps(status))
+    write_json_atomic(job_dir / "job.json", {"kind": "train"})
+    before = (job_dir / "status.json").read_bytes()
+    for kind in ("export", "evaluate", "preflight", "train"):
+        assert main([kind, "--job-dir", str(job_dir)]) == 1, kind
+        assert capsys.readouterr().err.strip()  # said why
+        assert (job_dir / "status.json").read_bytes() == before, kind
+
+
+def test_a_job_launched_again_after_the_registry_was_lost_runs_once(make_config, tmp_path: Path) -> None:
+    """A server killed while its job still imports, its registry deleted, a new server: the new queue sees the job
+    queued and launches it again. The second process finds the job held (runs/<id>/.job.lock), leaves without
+    writing anything, and the new queue watches the first one: one training, completed, never marked dead."""
+    runs = tmp_path / "runs"
+    first = JobManager(runs, cwd=ROOT)
+    run_id = first.submit(load_config(make_config({"training": {"max_steps": 3, "save_steps": 100}})))
+    first.tick()
+    pid = first.registry.get(run_id).pid
+    (runs / "registry.sqlite").unlink()
+    second = JobManager(runs, cwd=ROOT)  # rebuilt from the dirs: the job reads as queued or running
+    second.tick()
+    wait_until(lambda: second.registry.get(run_id).state in ("completed", "failed"), manager=second, timeout=300)
+    assert second.registry.get(run_id).state == "completed", read_status(runs / run_id)
+    run = runs / run_id
+    events = [x["event"] for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "event"]
+    assert events.count("start") == 1 and (run / "train.log").read_text().count(f"run {run_id} in ") == 1
+    assert second.registry.get(run_id).pid == pid  # the new queue watched the first process
+    for child in [*first._children.values(), *second._children.values()]:
+        child.wait(timeout=60)
+
+
+def test_a_queued_run_trained_by_hand_while_its_job_runs_is_left_alone(make_config, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    manager = JobManager(runs, cwd=ROOT)
+    run_id = manager.submit(load_config(make_config({"training": {"max_steps": 40, "save_steps": 100}})))
+    manager.tick()
+    wait_until(lambda: (runs / run_id / ".job.lock").is_file() and (runs / run_id / ".job.lock").read_text())
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", str(runs / run_id / "config.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = by_hand.stderr + by_hand.stdout  # held (still queued when it looked) or already running: refused either way
+    assert by_hand.returncode == 1 and ("already being trained by pid" in said or "is already running" in said)
+    wait_until(lambda: manager.registry.get(run_id).state in ("completed", "failed"), manager=manager, timeout=300)
+    assert manager.registry.get(run_id).state == "completed"

@@ -10,7 +10,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,52 @@ class RunDir:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+JOB_LOCK = ".job.lock"
+
+
+@contextmanager
+def job_held(path: Path) -> Iterator[int | None]:
+    """Hold a job dir while inside (flock on <dir>/.job.lock; the kernel drops it when the process ends, kill -9
+    included): yields None when this process holds it, else the pid of the live process that does. Two processes
+    launched for one job (two servers, a queue and a hand-run) never both run it. A missing dir is not held."""
+    import fcntl
+
+    try:
+        fh = open(path / JOB_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (closed below: the lock lives with it)
+    except OSError:
+        yield None
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            yield int(holder) if holder.isdigit() else -1
+            return
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield None
+
+
+def job_holder(path: Path) -> int | None:
+    """The pid of the live process that holds the job dir (job_held), or None when none does."""
+    import fcntl
+
+    try:
+        with open(path / JOB_LOCK, encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)  # got it: nobody holds the job (closing lets go)
+                return None
+            except BlockingIOError:
+                holder = fh.read().strip()
+                return int(holder) if holder.isdigit() else None
+    except OSError:
+        return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

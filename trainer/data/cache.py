@@ -58,12 +58,14 @@ def source_digest(src: Source) -> str:
     if src.path is None:  # datasets fingerprints a hub dataset from its cached files
         return f"hub:{src.name}:{src.hub._fingerprint}"
     st = src.path.stat()
-    return f"file{src.path.suffix.lower()}:{_file_sha256(str(src.path), st.st_size, st.st_mtime_ns, st.st_ino)}"
+    # ctime too: any write changes it and, unlike mtime, no tool can set it back (a same-size edit under `touch -r`)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return f"file{src.path.suffix.lower()}:{_file_sha256(str(src.path), *stamp)}"
 
 
 @functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """The file's sha256, remembered while its size, time and inode stay (the page looks again on every edit)."""
+def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """The file's sha256, remembered while its size, times and inode stay (the page looks again on every edit)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -100,6 +102,11 @@ def load(root: Path, key: str) -> tuple[Any, dict] | None:
     if not (entry / META).is_file():
         return None
     return Dataset.load_from_disk(str(entry / "rows")), json.loads((entry / META).read_text(encoding="utf-8"))
+
+
+def discard(root: Path, key: str) -> None:
+    """Remove an entry that cannot be used (it is derived data: the next store writes it again)."""
+    shutil.rmtree(root / key, ignore_errors=True)
 
 
 def store(root: Path, key: str, rows: Any, meta: dict) -> None:

@@ -6,6 +6,7 @@ the Start check, the pre-flight and the training process tokenize the same data 
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,12 +119,22 @@ def cached_tokens(
 
 
 def _from_cache(src: Source, cache: Path, key: str, columns: list[str] | None = None) -> Tokenized | None:
-    found = data_cache.load(cache, key)
-    if found is None:
+    try:
+        found = data_cache.load(cache, key)
+        if found is None:
+            return None
+        rows, meta = found
+        if len(rows) != meta["rows"] or not isinstance(meta["format"], str):
+            raise ValueError(f"{len(rows)} rows where its meta.json says {meta['rows']}")
+        rows = rows.select_columns(columns) if columns else rows  # Arrow reads only those from the mapped file
+        return Tokenized(src.name, meta["format"], rows.to_dict(), cached=True)
+    except Exception as e:  # a cut, edited or half-deleted entry: tokenize again and replace it, never fail on it
+        print(
+            f"warning: cached tokens {cache / key} unusable ({type(e).__name__}: {e}); tokenizing again",
+            file=sys.stderr,
+        )
+        data_cache.discard(cache, key)
         return None
-    rows, meta = found
-    rows = rows.select_columns(columns) if columns else rows  # Arrow reads only those from the mapped file
-    return Tokenized(src.name, meta["format"], rows.to_dict(), cached=True)
 
 
 def tokenize_source(

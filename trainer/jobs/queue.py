@@ -27,7 +27,7 @@ from trainer.jobs.processes import is_our_process, kill_tree, signal_group, stat
 from trainer.jobs.registry import Job, Registry
 from trainer.jobs.requests import REQUEST_FILE, Request, TrainJob, kind_of, rename_request, write_request
 from trainer.run.log_tee import CAPTURED_ENV
-from trainer.run_dir import FINAL_STATES, RunDir, new_run_id, read_status
+from trainer.run_dir import FINAL_STATES, RunDir, job_holder, new_run_id, read_status
 
 _kill_tree = kill_tree  # the name tests and older callers know
 
@@ -178,6 +178,9 @@ class JobManager:
                 return self._stop_if_removed(job)
             del self._children[job.id]
             exit_code = child.returncode
+            other = status_process(Path(job.run_dir)) or job_holder(Path(job.run_dir))
+            if other is not None and other != child.pid:  # ours was a second launch, refused: the process that
+                return self._adopt(job, other)  # holds the job runs it (trainer/run_dir.py job_held); watch it
         elif is_our_process(job) or status_process(Path(job.run_dir)):
             return self._stop_if_removed(job)
         elif self._just_claimed(job):
@@ -187,6 +190,12 @@ class JobManager:
         status = read_status(Path(job.run_dir)) or {}  # an unreadable one is no final state: the job died
         if status.get("state") not in FINAL_STATES:
             self._mark_dead(job, exit_code)
+
+    def _adopt(self, job: Job, pid: int) -> None:
+        try:
+            self.registry.update(job.id, pid=pid, proc_start=psutil.Process(pid).create_time())
+        except psutil.NoSuchProcess:  # it ended meanwhile: the next tick reads what it wrote
+            pass
 
     def _just_claimed(self, job: Job) -> bool:
         """Claimed by another server a moment ago, which has yet to record the pid it spawned."""

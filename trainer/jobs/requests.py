@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from trainer.config.run_config import ConfigError
 from trainer.export.merge import ExportRequest
 from trainer.failure import failure
-from trainer.run_dir import RunDir, write_json_atomic
+from trainer.run_dir import RunDir, job_held, read_status, write_json_atomic
 
 if TYPE_CHECKING:
     from trainer.run.launch import Machines
@@ -134,8 +134,9 @@ def rename_request(job_dir: Path, name: str) -> None:
 
 
 def fail_job(job_dir: Path, error: str) -> None:
-    """A request that cannot be run: the job process writes its failed state itself (kind `config`)."""
-    if job_dir.is_dir():
+    """A request that cannot be run: the job process writes its failed state itself (kind `config`), but only
+    into a queued job's status.json: a finished run, a running one or a dir that is no job keeps its own."""
+    if (read_status(job_dir) or {}).get("state") == "queued":
         RunDir(job_dir).write_status(
             state="failed",
             exit_code=1,
@@ -147,15 +148,22 @@ def fail_job(job_dir: Path, error: str) -> None:
 
 def run_job_dir(kind: str, job_dir: Path, machines: Machines | None = None) -> int:
     """`lora-workbench <kind> --job-dir DIR`: read and check DIR/job.json, then run it as the plain form would."""
-    try:
-        request = read_request(job_dir, kind)
-    except ConfigError as e:
-        print(f"lora-workbench {kind}: {e}", file=sys.stderr)
-        fail_job(job_dir, str(e))
-        return 1
-    if isinstance(request, PreflightJob):  # its config file lies in the job dir
-        request = replace(request, config=job_dir / request.config)
-    return run_request(request, job_dir, machines)
+    with job_held(job_dir) as holder:
+        if holder is not None:  # launched twice: the other process runs it; this one writes nothing
+            who = f"pid {holder}" if holder > 0 else "another process"
+            print(
+                f"lora-workbench {kind}: {job_dir} is already being run by {who}; this one leaves it", file=sys.stderr
+            )
+            return 1
+        try:
+            request = read_request(job_dir, kind)
+        except ConfigError as e:
+            print(f"lora-workbench {kind}: {e}", file=sys.stderr)
+            fail_job(job_dir, str(e))
+            return 1
+        if isinstance(request, PreflightJob):  # its config file lies in the job dir
+            request = replace(request, config=job_dir / request.config)
+        return run_request(request, job_dir, machines)
 
 
 def run_request(request: Request, job_dir: Path | None = None, machines: Machines | None = None) -> int:

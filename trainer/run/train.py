@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -29,7 +30,7 @@ from trainer.plan.schedule import total_optimizer_steps
 from trainer.run.launch import ONE_MACHINE, Machines, inside_launch, is_main_process, wants_launcher
 from trainer.run.log_tee import tee_to
 from trainer.run.stopping import RunStopped, StopRequest
-from trainer.run_dir import RunDir, new_run_id, read_status
+from trainer.run_dir import RunDir, job_held, new_run_id, read_status
 
 if TYPE_CHECKING:
     from trainer.data.prepare import Prepared
@@ -568,11 +569,15 @@ def train_run(
         if run_dir and not Path(run_dir, "config.yaml").is_file():
             raise ConfigError([f"--run-dir {run_dir}: not a run directory (it holds no config.yaml)"])
         run = RunDir(Path(run_dir), writer=is_main_process()) if run_dir else open_run_dir(cfg, path, resume)
-        if overrides and run.config.resolve() == path.resolve():  # an existing run's own config: record what changed
-            note_overrides(run.config, cfg, overrides)
     except ConfigError as e:
         return refused(path, e)
-    return train_in(stop, cfg, run, resume, machines)
+    with nullcontext() if inside_launch() else job_held(run.path) as holder:  # the launcher holds it for its ranks
+        if holder is not None:  # e.g. a queued run trained by hand while its job runs
+            print(f"run {run.path.name} is already being trained by pid {holder}; this one leaves it", file=sys.stderr)
+            return EXIT_FAILED
+        if overrides and run.config.resolve() == path.resolve():  # an existing run's own config: record the change
+            note_overrides(run.config, cfg, overrides)
+        return train_in(stop, cfg, run, resume, machines)
 
 
 def train_job(stop: StopRequest, run: RunDir, resume: bool, machines: Machines, overrides: list[str]) -> int:
