@@ -72,12 +72,22 @@ class Server:
 
 
 def kill_leftover_trainers(runs_dir: Path) -> None:
+    """Every job process still working in the runs dir (a 100000-step run the test left), by its status.json's pid
+    and by its command line (a job that had not written its pid yet): none outlives the test to load the machine."""
+    import psutil
+
     for status_file in runs_dir.glob("*/status.json"):
         pid = json.loads(status_file.read_text()).get("pid")
         if pid and json.loads(status_file.read_text()).get("state") == "running":
             try:
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
             except ProcessLookupError:
+                pass
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(runs_dir) in arg for arg in proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
                 pass
 
 
