@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from trainer.config.run_config import ConfigError
 from trainer.export.merge import ExportRequest
-from trainer.failure import failure
-from trainer.run_dir import RunDir, job_held, read_status, write_json_atomic
+from trainer.run_dir import job_held, write_json_atomic
 
 if TYPE_CHECKING:
     from trainer.run.launch import Machines
@@ -133,19 +131,6 @@ def rename_request(job_dir: Path, name: str) -> None:
         write_json_atomic(job_dir / REQUEST_FILE, {**data, "name": name})
 
 
-def fail_job(job_dir: Path, error: str) -> None:
-    """A request that cannot be run: the job process writes its failed state itself (kind `config`), but only
-    into a queued job's status.json: a finished run, a running one or a dir that is no job keeps its own."""
-    if (read_status(job_dir) or {}).get("state") == "queued":
-        RunDir(job_dir).write_status(
-            state="failed",
-            exit_code=1,
-            error=error,
-            failure=failure("config", error).to_status(),
-            ended_at=time.time(),
-        )
-
-
 def run_job_dir(kind: str, job_dir: Path, machines: Machines | None = None) -> int:
     """`lora-workbench <kind> --job-dir DIR`: read and check DIR/job.json, then run it as the plain form would."""
     with job_held(job_dir) as holder:
@@ -159,7 +144,9 @@ def run_job_dir(kind: str, job_dir: Path, machines: Machines | None = None) -> i
             request = read_request(job_dir, kind)
         except ConfigError as e:
             print(f"lora-workbench {kind}: {e}", file=sys.stderr)
-            fail_job(job_dir, str(e))
+            from trainer.run.train import fail_queued
+
+            fail_queued(job_dir, str(e))
             return 1
         if isinstance(request, PreflightJob):  # its config file lies in the job dir
             request = replace(request, config=job_dir / request.config)

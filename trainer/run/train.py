@@ -630,9 +630,15 @@ def leave_process_group() -> None:
 
 def mark_failed_if_run_dir(config_path: Path, error: str) -> None:
     """A queued run whose config no longer validates is marked failed, so its watcher sees why."""
-    status = read_status(config_path.parent)
-    if config_path.name == "config.yaml" and status and status.get("state") == "queued" and is_main_process():
-        RunDir(config_path.parent).write_status(
+    if config_path.name == "config.yaml":
+        fail_queued(config_path.parent, error)
+
+
+def fail_queued(job_dir: Path, error: str) -> None:
+    """A queued job whose request cannot be run: its own process writes the failed state (kind `config`), but only
+    over a queued status: a finished run, a running one or a dir that is no job keeps its own."""
+    if (read_status(job_dir) or {}).get("state") == "queued" and is_main_process():
+        RunDir(job_dir).write_status(
             state="failed",
             exit_code=EXIT_FAILED,
             error=error,
