@@ -27,6 +27,33 @@ from trainer.model.tiny_model import make_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The order files start in under xdist (pyproject: --dist loadfile --no-loadscope-reorder). A worker takes a whole
+# file, two at the start, then the next when its current one is down to two tests. The files that take minutes on
+# 2 cores (`pytest --durations=0`) go first, so none of them starts last and runs alone while the other worker
+# idles; the two longest open beside two quick files (each worker's second at the start), and the real-model file
+# that trains the shared `real_run` starts before the GGUF file that waits for it. The rest keep their order.
+FIRST_FILES = (
+    "test_browser_default.py",  # Start -> 40 real-model steps -> chat -> Evaluate, in Chromium
+    "test_real_model.py",  # trains `real_run`
+    "test_config.py",
+    "test_data.py",
+    "test_browser.py",
+    "test_gguf_export.py",
+    "test_real_model_methods.py",
+    "test_faults.py",
+    "test_jobs.py",
+    "test_distributed.py",
+    "test_job_requests.py",
+    "test_first_page.py",
+    "test_container.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_FILES)))  # stable: a file's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,5 +1,6 @@
-"""The built-in real model (SmolLM2-135M-Instruct) through every path: train with each method, the label mask on
-its ChatML template, chat base vs adapter, export with the fidelity check, evaluate.
+"""The built-in real model (SmolLM2-135M-Instruct) through every path: the label mask on its ChatML template,
+chat base vs adapter, export with the fidelity check, evaluate; each method's training is in
+tests/test_real_model_methods.py.
 
 One converted copy is shared by the whole session (the `real_model` fixture); runs are a few short steps.
 """
@@ -82,7 +83,8 @@ def train_unseen_run(root: Path) -> Path:
     from trainer.run.train import run_training
 
     data = {"source": str(unseen_rows(root)), "format": "alpaca", "max_samples": None}
-    cfg = real_config(root, {"data": data, "training": {"max_steps": 12}})
+    # 12 steps of 4 rows (no accumulation): the style is learned as surely as from 16-row steps, at a quarter the cost
+    cfg = real_config(root, {"data": data, "training": {"max_steps": 12, "gradient_accumulation_steps": 1}})
     assert run_training(str(cfg)) == 0
     return only_run(root / "runs")
 
@@ -121,25 +123,6 @@ def test_two_processes_building_it_at_once_share_one_conversion(real_model: Path
     target = tmp_path / "cache" / SMOLLM2.dir_name
     assert (target / "model.safetensors").stat().st_size == (real_model / "model.safetensors").stat().st_size
     assert [p.name for p in (tmp_path / "cache").iterdir() if "partial" in p.name] == []
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"recipe": "qlora"},
-        {"adapter": {"method": "dora"}},
-        {"recipe": "adalora", "adapter": {"init_r": 8, "target_r": 4}, "training": {"max_steps": 4}},
-    ],
-    ids=["qlora-4bit", "dora", "adalora"],
-)
-def test_each_method_trains_the_real_model(real_model: Path, tmp_path: Path, overrides: dict) -> None:
-    from trainer.run.train import run_training
-
-    assert run_training(str(real_config(tmp_path, overrides))) == 0
-    run = only_run(tmp_path / "runs")
-    losses = [x["loss"] for x in train_lines(run)]
-    assert len(losses) >= 3 and all(0 < x < 20 for x in losses)
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_the_preview_masks_the_chatml_prompt_and_trains_the_answer_and_its_end(
