@@ -142,6 +142,33 @@ def test_the_logit_tolerances_tell_a_dropped_or_mis_scaled_adapter_from_the_righ
     assert compare(reference["logits"], reference["logits"], "f16", GGUF_TOLERANCE)["passed"]
 
 
+def test_the_check_parses_its_gguf_once_and_leaves_the_gguf_module_as_it_was(tmp_path: Path) -> None:
+    """Inside parsed_once a GGUFReader of the checked file is one parse, any other file is read as usual; after it
+    (an error inside too) gguf's reader and name map are the library's own again."""
+    import gguf
+    import numpy as np
+
+    from trainer.export.gguf import parsed_once, read_gguf_fields
+
+    paths = [tmp_path / "checked.gguf", tmp_path / "other.gguf"]
+    for path in paths:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_chat_template("{{ messages }}")
+        writer.add_eos_token_id(7)
+        writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+        for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+            write()
+        writer.close()
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pytest.raises(RuntimeError), parsed_once(paths[0]):
+        assert gguf.GGUFReader(str(paths[0])) is gguf.GGUFReader(str(tmp_path / "." / "checked.gguf"))
+        assert gguf.GGUFReader(str(paths[1])) is not gguf.GGUFReader(str(paths[1]))
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert read_gguf_fields(paths[0]) == {"chat_template": "{{ messages }}", "eos_token_id": 7}
+        raise RuntimeError("a failed load inside the check")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+
+
 def test_a_k_quant_whose_f16_source_is_off_fails_naming_the_merge() -> None:
     from trainer.export.gguf import failures
 

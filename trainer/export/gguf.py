@@ -13,8 +13,12 @@ leaves --out as it was.
 
 from __future__ import annotations
 
+import functools
 import gc
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +78,29 @@ def gguf_cache(source: Any) -> Path:
 
 def gguf_name(out: Path, quant: str) -> str:
     return f"{out.name}.{quant}.gguf"
+
+
+@contextmanager
+def parsed_once(path: Path) -> Iterator[None]:
+    """Inside, `gguf.GGUFReader(path)` answers with one parse of the file and `gguf.get_tensor_name_map` from a memo.
+
+    transformers' GGUF loader parses the file for the config, again for the tokenizer and again for the tensors
+    (each parse walks the 49k-entry vocabulary: about 5 s for SmolLM2 on one core) and rebuilds llama.cpp's tensor
+    name map for every tensor (8 s in all). Both are looked up on the `gguf` module when called, so one parse and
+    one map serve the whole check; where a transformers release reads them otherwise, it parses as before."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    target, parsed = os.path.realpath(path), real_reader(str(path))
+
+    def reader(p: Any, mode: str = "r") -> Any:
+        return parsed if mode == "r" and os.path.realpath(p) == target else real_reader(p, mode)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def read_gguf_fields(path: Path) -> dict[str, Any]:
@@ -137,8 +164,9 @@ def model_eos(merged: Any, tokenizer: Any) -> list[int]:
 
 def check_gguf(path: Path, tokenizer: Any, reference: list[Any], quant: str, eos_ids: list[int]) -> dict[str, Any]:
     """Every check of a written GGUF against the model it came from; "failures" lists what did not hold."""
-    fields = read_gguf_fields(path)
-    model, gguf_tokenizer = load_gguf(path)
+    with parsed_once(path):
+        fields = read_gguf_fields(path)
+        model, gguf_tokenizer = load_gguf(path)
     logits = compare(reference, forward_logits(model, prompt_inputs(tokenizer)), quant, GGUF_TOLERANCE)
     template = {"embedded": fields["chat_template"] is not None, "passed": False}
     template["passed"] = template["embedded"] and fields["chat_template"] == tokenizer.chat_template
@@ -156,7 +184,8 @@ def check_gguf(path: Path, tokenizer: Any, reference: list[Any], quant: str, eos
 def check_source(f16: Path, tokenizer: Any, reference: list[Any]) -> dict[str, Any]:
     """A k-quant's f16 source GGUF against base + adapter at f16's tolerance: at 4-6 bits the rounding noise of a
     small model can reach a mis-scaled adapter's distance, so the merge is checked where it is still exact."""
-    model, _ = load_gguf(f16)
+    with parsed_once(f16):
+        model, _ = load_gguf(f16)
     logits = compare(reference, forward_logits(model, prompt_inputs(tokenizer)), "f16", GGUF_TOLERANCE)
     del model
     gc.collect()
