@@ -76,9 +76,11 @@ class LiveViews:
 
 
 # A panel Gradio hides (a tab not selected) has no layout box: checkVisibility() is false for it and its children.
-# A failed or refused request (a server restart, a login that expired) is retried at the view's interval.
+# A failed or refused request (a server restart, a login that expired) is retried at the view's interval; so is one
+# with no answer after 10 s, so that a request the network or the server dropped never stops a view's loop.
 POLLER_JS = """() => {
   const views = __VIEWS__;
+  const ASK_TIMEOUT_MS = 10000;
   const shown = (id) => { const el = document.getElementById(id); return !!el && el.checkVisibility(); };
   const keyOf = (id) => id ? (document.querySelector('#' + id + ' input')?.value ?? '') : '';
   for (const v of views) {
@@ -88,7 +90,8 @@ POLLER_JS = """() => {
       try {
         if (!document.hidden && shown(v.panel)) {
           const key = keyOf(v.key);
-          const r = await fetch('lwb-stamp/' + v.name + '?key=' + encodeURIComponent(key), {cache: 'no-store'});
+          const url = 'lwb-stamp/' + v.name + '?key=' + encodeURIComponent(key);
+          const r = await fetch(url, {cache: 'no-store', signal: AbortSignal.timeout(ASK_TIMEOUT_MS)});
           if (r.ok) {
             const a = await r.json();
             wait = a.next;
