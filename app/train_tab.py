@@ -235,10 +235,13 @@ def _progress_html(run_id: str, status: dict[str, Any], queue_pos: int | None, b
     )
 
 
-FAST_S, IDLE_S = (
-    0.5,
-    5.0,
-)  # how often a page asks for the monitor's stamp: while a job is queued/running, and otherwise
+# How often a page asks for the monitor's stamp: while a job is queued/running, and otherwise. Each answer that
+# finds a change is a Gradio event the page renders, so a busy run costs a watching browser a share of a core per
+# redraw a second (benchmarks/page_cpu.py).
+FAST_S, IDLE_S = 1.0, 5.0
+# A running run's charts are redrawn at most this often (the progress line at every poll): each redraw re-renders
+# Plotly charts in every page watching, a browser's core kept busy by a run that logs many lines a second.
+CHART_EVERY_S = 2.0
 UNSEEN = {"ids": None, "run": None, "drawn": {}}  # a page that has drawn nothing yet
 _NEVER = object()  # the key of an output a page has not drawn
 
@@ -266,11 +269,12 @@ def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
     watch = ctx.watchers.get(Path(job.run_dir))  # one shared, rate-limited poll of the run's files
     queue_pos = ctx.manager.queue_position(run_id) if job.state == "queued" else None
     failed = watch.status.get("state") == "failed"
+    charts = plots.MONITOR_CHARTS.items()
     keys.update(
         progress=(run_id, watch.status_version, queue_pos, watch.summary.brief()),
         error=(run_id, (watch.status_version, watch.log_stamp) if failed else None),
         log=(run_id, watch.log_stamp),
-        **{name: (run_id, *watch.data_key(*kinds)) for name, (_, kinds) in plots.MONITOR_CHARTS.items()},
+        **{name: (run_id, *watch.paced_key(name, kinds, CHART_EVERY_S)) for name, (_, kinds) in charts},
     )
     return MonitorNow(run_id, ids, watch, queue_pos, keys)
 

@@ -31,7 +31,8 @@ CHARTS = ("loss", "optim", "speed", "memory")
 
 
 @pytest.fixture
-def ctx(tmp_path: Path) -> AppContext:
+def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppContext:
+    monkeypatch.setattr(train_tab, "CHART_EVERY_S", 0.0)  # every new line redraws its charts; the pace has its test
     runs = tmp_path / "runs"
     ctx = AppContext(runs, JobManager(runs, max_running=0), example=None)  # nothing starts: the files are written here
     ctx.watchers = Watchers(min_interval_s=0)  # every tick sees the files as they are now
@@ -126,6 +127,38 @@ def test_a_new_line_changes_the_stamp_and_redraws_only_the_charts_it_feeds(ctx: 
     after = stamp(live, "train", "r1")
     assert stamp(live, "train", "r1") == after
     assert drawn(train_tab.monitor_update(ctx, "r1", out[OUT["seen"]])) == set()
+    run.close()
+
+
+def test_a_running_runs_charts_are_redrawn_at_their_pace_and_at_once_when_it_ends(
+    ctx: AppContext, live: LiveViews, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines faster than CHART_EVERY_S move the progress line at once and the charts at that pace, in every page;
+    the last lines of a run that ended are drawn at once."""
+    monkeypatch.setattr(train_tab, "CHART_EVERY_S", 3600.0)  # no interval passes unless the test says so
+    run = running_run(ctx)
+    out = train_tab.monitor_update(ctx, "r1", dict(train_tab.UNSEEN))
+    assert {"loss", "optim", "speed"} <= drawn(out)  # a page's first draw: at once
+    seen, before = out[OUT["seen"]], stamp(live, "train", "r1")
+
+    train_step(run, 6)
+    assert stamp(live, "train", "r1") != before
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"progress"} and 'data-step="6"' in out[OUT["progress"]]  # the charts wait their turn
+    seen, held = out[OUT["seen"]], stamp(live, "train", "r1")
+    assert stamp(live, "train", "r1") == held and drawn(train_tab.monitor_update(ctx, "r1", seen)) == set()
+
+    monkeypatch.setattr(train_tab, "CHART_EVERY_S", 0.0)  # their interval has passed: the next poll finds them due
+    assert stamp(live, "train", "r1") != held
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert drawn(out) == {"loss", "optim", "speed"} and points(out[OUT["loss"]])[-1] == 6
+    seen = out[OUT["seen"]]
+
+    monkeypatch.setattr(train_tab, "CHART_EVERY_S", 3600.0)
+    train_step(run, 7)
+    run.write_status(state="completed")  # the run ended: its last lines are drawn without waiting
+    out = train_tab.monitor_update(ctx, "r1", seen)
+    assert {"progress", "loss", "optim", "speed"} <= drawn(out) and points(out[OUT["loss"]])[-1] == 7
     run.close()
 
 

@@ -64,6 +64,7 @@ class RunWatch:
         self.log_stamp: tuple[int, int, int] | None = None  # train.log's, at the last poll
         self._status_stamp: tuple[int, int, int] | None = (-1, -1, -1)  # never a real stamp: the first poll reads
         self._views: dict[str, tuple[Any, Any]] = {}
+        self._paced: dict[str, tuple[tuple, float]] = {}  # paced_key's: the key every page is shown, and since when
         self._lock = threading.Lock()  # a poll never changes the series while a view is built from it
 
     def poll(self) -> bool:
@@ -94,6 +95,18 @@ class RunWatch:
         s = self.series
         counts = {"train": s.train["step"], "eval": s.eval["step"], "system": s.system["step"], "event": s.events}
         return (self.tail.generation, *(len(counts[k]) for k in kinds))
+
+    def paced_key(self, name: str, kinds: tuple[str, ...], every_s: float) -> tuple:
+        """data_key(*kinds) renewed at most every `every_s` while the run goes on: a chart keyed by it is redrawn in
+        every page at that pace however fast lines arrive; at once when it is new, its first lines came or the run
+        has ended."""
+        with self._lock:
+            key, now = self.data_key(*kinds), time.monotonic()
+            shown = self._paced.get(name)
+            at_once = shown is None or not any(shown[0][1:]) or self.status.get("state") in FINAL_STATES
+            if shown is None or (shown[0] != key and (at_once or now - shown[1] >= every_s)):
+                shown = self._paced[name] = (key, now)
+            return shown[0]
 
     def view(self, name: str, key: Any, build: Callable[[], Any]) -> Any:
         """build() once per key: every page asking for the same view of the same data gets the same object."""
