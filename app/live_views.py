@@ -81,6 +81,12 @@ class LiveViews:
 POLLER_JS = """() => {
   const views = __VIEWS__;
   const ASK_TIMEOUT_MS = 10000;
+  const giveUpAfter = (ms) => {  // AbortSignal.timeout where the browser has it (Chrome 103, Firefox 100, Safari 16)
+    if (AbortSignal.timeout) return AbortSignal.timeout(ms);
+    const c = new AbortController();
+    setTimeout(() => c.abort(), ms);
+    return c.signal;
+  };
   const shown = (id) => { const el = document.getElementById(id); return !!el && el.checkVisibility(); };
   const keyOf = (id) => id ? (document.querySelector('#' + id + ' input')?.value ?? '') : '';
   for (const v of views) {
@@ -91,7 +97,7 @@ POLLER_JS = """() => {
         if (!document.hidden && shown(v.panel)) {
           const key = keyOf(v.key);
           const url = 'lwb-stamp/' + v.name + '?key=' + encodeURIComponent(key);
-          const r = await fetch(url, {cache: 'no-store', signal: AbortSignal.timeout(ASK_TIMEOUT_MS)});
+          const r = await fetch(url, {cache: 'no-store', signal: giveUpAfter(ASK_TIMEOUT_MS)});
           if (r.ok) {
             const a = await r.json();
             wait = a.next;

@@ -179,7 +179,7 @@ def check_two_rank_run(run: Path, max_steps: int, rows: int, batch: int) -> None
     assert next(e for e in events if e["event"] == "start")["world_size"] == 2
     # not anchored to line starts: the two ranks share one output pipe, so one rank's line can follow the other's
     # unfinished line (a print's text and its newline are two writes)
-    pids = set(re.findall(rf"run {run.name} in \S+ \(pid (\d+)\)", (run / "train.log").read_text()))
+    pids = set(re.findall(rf"run {run.name} in .+? \(pid (\d+)\)", (run / "train.log").read_text()))
     assert len(pids) == 2  # both ranks started on this run dir, and no other
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["adapter", "checkpoints"]
     assert (run / "adapter/adapter_model.safetensors").is_file() and (run / "adapter/README.md").is_file()

@@ -113,15 +113,29 @@ def test_f16_export_passes_the_check_closer_than_q8_0(gguf_run: Path, tmp_path: 
     assert (tmp_path / "f16" / "f16.f16.gguf").stat().st_size > 250e6  # 135M parameters at 2 bytes
 
 
-def test_a_gguf_of_the_base_alone_fails_the_logit_check(reference, converter, real_model, tmp_path: Path) -> None:
-    """A dropped adapter (the GGUF made from the base checkpoint) against base + adapter: the check catches it."""
+def test_a_gguf_of_the_base_alone_fails_the_logit_check(
+    reference, converter, real_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dropped adapter (the GGUF made from the base checkpoint) against base + adapter: the check catches it,
+    having parsed the file once (transformers' loader asks for it three times: parsed_once)."""
+    import gguf as gguf_module
+
     from trainer.export.gguf import check_gguf
     from trainer.export.llama_cpp import convert
+
+    parses: list[str] = []
+    real_reader = gguf_module.GGUFReader
+
+    def counted(path: Any, mode: str = "r") -> Any:
+        parses.append(str(path))
+        return real_reader(path, mode)
 
     tokenizer = reference["tokenizer"]
     gguf = tmp_path / "base.q8_0.gguf"
     convert(converter, real_model, gguf, "q8_0")
+    monkeypatch.setattr(gguf_module, "GGUFReader", counted)
     checks = check_gguf(gguf, tokenizer, reference["logits"], "q8_0", [tokenizer.eos_token_id])
+    assert parses == [str(gguf)], parses
     assert [f.split(":")[0] for f in checks["failures"]] == ["logits"], checks["failures"]
     assert "differs from base + adapter by up to" in checks["failures"][0]
 

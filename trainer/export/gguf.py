@@ -17,6 +17,7 @@ import functools
 import gc
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -80,6 +81,9 @@ def gguf_name(out: Path, quant: str) -> str:
     return f"{out.name}.{quant}.gguf"
 
 
+_PATCHING = threading.Lock()
+
+
 @contextmanager
 def parsed_once(path: Path) -> Iterator[None]:
     """Inside, `gguf.GGUFReader(path)` answers with one parse of the file and `gguf.get_tensor_name_map` from a memo.
@@ -90,17 +94,18 @@ def parsed_once(path: Path) -> Iterator[None]:
     one map serve the whole check; where a transformers release reads them otherwise, it parses as before."""
     import gguf
 
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    target, parsed = os.path.realpath(path), real_reader(str(path))
+    with _PATCHING:  # one check at a time patches the module (an export job is one thread; a caller may not be)
+        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        target, parsed = os.path.realpath(path), real_reader(str(path))
 
-    def reader(p: Any, mode: str = "r") -> Any:
-        return parsed if mode == "r" and os.path.realpath(p) == target else real_reader(p, mode)
+        def reader(p: Any, mode: str = "r") -> Any:
+            return parsed if mode == "r" and os.path.realpath(p) == target else real_reader(p, mode)
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+        try:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_map)
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def read_gguf_fields(path: Path) -> dict[str, Any]:
