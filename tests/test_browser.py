@@ -205,6 +205,13 @@ def test_runs_tab_overlays_two_runs(page, server: Server) -> None:
 def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> None:
     open_app(page, server)
     run_id = start_from_page(page, training__max_steps=100000, training__logging_steps=5)
+    try:
+        runs_tab_during_a_run(page, server, run_id)
+    finally:  # a run left training would hold the module server's queue and fail the tests after this one
+        kill_leftover_trainers(server.runs_dir)
+
+
+def runs_tab_during_a_run(page, server: Server, run_id: str) -> None:
     wait_until(lambda: run_state(page, run_id)[1] > 20, 300, "the run to make steps", seen(page, server, run_id))
     page.get_by_role("tab", name="Runs", exact=True).click()
     page.wait_for_function(f"() => document.querySelector('#runs-table')?.innerText.includes('{run_id}')")
@@ -229,8 +236,17 @@ def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> Non
         assert private.is_file()
         assert page.request.get(route + str(private)).status == 403, private
     page.get_by_role("tab", name="Train", exact=True).click()
+    watched = lambda: page.locator("#watch-run input").input_value() == run_id  # noqa: E731
+    wait_until(watched, 30, "the monitor to watch the run", seen(page, server, run_id))
     page.click("#stop-btn")
-    wait_until(lambda: run_state(page, run_id)[0] == "stopped", 120, "the run to stop", seen(page, server, run_id))
+    status = server.runs_dir / run_id / "status.json"
+    stopped = lambda: json.loads(status.read_text())["state"] == "stopped"  # noqa: E731
+    wait_until(
+        stopped,
+        120,
+        "the run to stop",
+        lambda: f"#start-msg: {page.inner_text('#start-msg')}\n" + seen(page, server, run_id)(),
+    )
 
 
 def test_ten_sessions_watch_one_run(browser, page, server: Server) -> None:
