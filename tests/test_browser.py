@@ -22,6 +22,7 @@ from tests.browser_support import (
     LOSS_POINTS_JS,
     Server,
     kill_leftover_trainers,
+    kill_run,
     set_number,
 )
 
@@ -208,7 +209,7 @@ def test_runs_tab_during_a_run_and_adapter_download(page, server: Server) -> Non
     try:
         runs_tab_during_a_run(page, server, run_id)
     finally:  # a run left training would hold the module server's queue and fail the tests after this one
-        kill_leftover_trainers(server.runs_dir)
+        kill_run(server.runs_dir, run_id)
 
 
 def runs_tab_during_a_run(page, server: Server, run_id: str) -> None:
