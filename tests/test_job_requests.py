@@ -284,3 +284,37 @@ def test_a_queued_run_trained_by_hand_while_its_job_runs_is_left_alone(make_conf
     assert by_hand.returncode == 1 and ("already being trained by pid" in said or "is already running" in said)
     wait_until(lambda: manager.registry.get(run_id).state in ("completed", "failed"), manager=manager, timeout=300)
     assert manager.registry.get(run_id).state == "completed"
+
+
+def test_a_job_process_inside_its_re_execution_is_still_its_own(tmp_path: Path) -> None:
+    """Another server (or a restarted one) tells a job's process by its pid, start time and command line; inside
+    execve the command line reads empty, and a job taken for dead then was failed before it had started (seen once
+    in test_two_queues_on_one_runs_dir_launch_each_job_once)."""
+    from trainer.jobs.processes import is_our_process
+    from trainer.jobs.registry import Job
+
+    script = tmp_path / "job.py"  # re-executes itself once, as `lora-workbench train` does at start (tcmalloc)
+    script.write_text(
+        "import os, sys, time\n"
+        "if 'again' not in sys.argv:\n"
+        "    os.execv(sys.executable, [sys.executable, *sys.argv, 'again'])\n"
+        "time.sleep(0.2)\n"
+    )
+    job_dir = str(tmp_path / "20261207-job")
+    seen_empty = taken_for_dead = 0
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, str(script), job_dir])
+        start = psutil.Process(proc.pid).create_time()
+        job = Job(
+            0, "j", None, "train", "running", proc.pid, start, start, start, None, "c.yaml", job_dir, *[None] * 3
+        )
+        while proc.poll() is None:
+            try:
+                seen_empty += psutil.Process(proc.pid).cmdline() == []
+            except psutil.Error:
+                pass
+            if not is_our_process(job) and proc.poll() is None:  # alive after the check: it was alive during it
+                taken_for_dead += 1
+        assert not is_our_process(Job(**{**job.__dict__, "proc_start": start - 1.0}))  # another start: not ours
+    print(f"{seen_empty} reads of an empty command line while the jobs re-executed")  # the window covered
+    assert taken_for_dead == 0

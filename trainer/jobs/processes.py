@@ -28,8 +28,10 @@ def is_our_process(job: Job) -> bool:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         cmdline = proc.cmdline()
+        # An empty command line is a process inside execve (a training job re-executes itself on tcmalloc at
+        # start: trainer/run/lean_memory.py); its start time alone tells it from a recycled pid then
         return abs(proc.create_time() - job.proc_start) < 0.01 and (
-            job.config_path in cmdline or job.run_dir in cmdline  # jobs get their dir (older servers: the config)
+            not cmdline or job.config_path in cmdline or job.run_dir in cmdline  # jobs get their dir (older: config)
         )
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
