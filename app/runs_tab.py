@@ -126,8 +126,10 @@ def table_update(ctx: AppContext, last: Any, selected: str | None) -> tuple[Any,
     ids = [r[0] for r in rows]
     if last is not None and ids == [r[0] for r in last]:  # a run's numbers changed, not which runs there are
         return rows, gr.skip(), gr.skip(), rows
-    value = selected if selected in ids else None
-    return rows, gr.CheckboxGroup(choices=ids), gr.Dropdown(choices=ids, value=value), rows
+    # The pick is written only to clear one that is gone: `selected` is the page's when the poller asked, and the
+    # user may have picked another run since (writing it back would undo their pick)
+    opened = gr.Dropdown(choices=ids) if selected in ids else gr.Dropdown(choices=ids, value=None)
+    return rows, gr.CheckboxGroup(choices=ids), opened, rows
 
 
 def not_listed_md(lines: list[str]) -> str:

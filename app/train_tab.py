@@ -289,24 +289,29 @@ def monitor_poll_s(ctx: AppContext) -> float:
     return FAST_S if any(j.state in ("queued", "running") for j in ctx.jobs_newest_first()) else IDLE_S
 
 
-def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any]) -> list[Any]:
+def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any], pick: bool = False) -> list[Any]:
     """Everything the monitor shows, or gr.skip() where the page already shows it.
-    Outputs (MONITOR_OUTPUTS): run dropdown, progress, error panel, 4 plots, log, seen-state."""
+    Outputs (MONITOR_OUTPUTS): run dropdown, progress, error panel, 4 plots, log, seen-state.
+
+    The run dropdown's value is written only where `pick` (Start) or the page watched nothing: a redraw carries the
+    run the page watched when it asked, and a Start's reply may have come in since (the poller sees the new job the
+    moment Start queues it); writing the old run back would leave that page watching it, its stamp unchanged. The
+    redraw's other outputs are then the old run's for one poll: the next stamp, for the new run, differs."""
     now = monitor_now(ctx, run_id)
     drawn = seen.get("drawn") or {}
     due = [name for name, key in now.keys.items() if drawn.get(name, _NEVER) != key]
     out: dict[str, Any] = {name: gr.skip() for name in MONITOR_OUTPUTS}
     out["seen"] = {"ids": now.ids, "run": now.run_id, "drawn": now.keys}
     for name in due:
-        out[name] = _monitor_output(name, now)
+        out[name] = _monitor_output(name, now, pick or run_id is None)
     return [out[name] for name in MONITOR_OUTPUTS]
 
 
-def _monitor_output(name: str, now: MonitorNow) -> Any:
+def _monitor_output(name: str, now: MonitorNow, pick: bool) -> Any:
     """One monitor output, built once per change for every page watching the run (RunWatch.view)."""
     watch = now.watch
     if name == "run":
-        return gr.Dropdown(choices=now.ids, value=now.run_id)
+        return gr.Dropdown(choices=now.ids, value=now.run_id) if pick else gr.Dropdown(choices=now.ids)
     if watch is None:
         idle = '<div id="run-state">No run yet: set up the form and press Start.</div>'
         return idle if name == "progress" else gr.Markdown(visible=False)
@@ -327,7 +332,8 @@ def start_and_watch(ctx: AppContext, values: dict[str, Any]) -> dict[str, Any]:
     message, run_id = start_run(ctx, values)
     if run_id is None:
         return {"message": message}
-    return {"message": message, **dict(zip(MONITOR_OUTPUTS, monitor_update(ctx, run_id, UNSEEN), strict=True))}
+    drawn = monitor_update(ctx, run_id, UNSEEN, pick=True)
+    return {"message": message, **dict(zip(MONITOR_OUTPUTS, drawn, strict=True))}
 
 
 # --- layout and wiring ------------------------------------------------------------------------------------
@@ -551,7 +557,7 @@ def wire_monitor(demo: gr.Blocks, ctx: AppContext, live: LiveViews, v: TrainLayo
     )
     # A run picked by hand is drawn in the same reply, so its name and its plots change together.
     monitor["run"].input(
-        lambda run_id, seen: monitor_update(ctx, run_id, {**seen, "drawn": {}}),
+        lambda run_id, seen: monitor_update(ctx, run_id, {**seen, "drawn": {}}, pick=True),
         inputs=[monitor["run"], monitor["seen"]],
         outputs=outs,
         show_progress="hidden",

@@ -181,6 +181,32 @@ def test_ten_pages_share_one_reader_and_one_build_of_each_chart(ctx: AppContext,
     run.close()
 
 
+def test_a_redraw_asked_for_before_a_start_never_takes_the_page_back_to_the_old_run(ctx: AppContext) -> None:
+    """The poller sees Start's job the moment it is queued and redraws for the run the page watched then (r1); that
+    reply can come after Start's, which moved the page to the new run: it must not write r1 back into the dropdown
+    (the page would watch r1 from then on, its stamp never changing: a frozen monitor)."""
+    old = running_run(ctx)
+    seen = train_tab.monitor_update(ctx, "r1", dict(train_tab.UNSEEN))[OUT["seen"]]
+    new = RunDir(ctx.runs_dir / "r2")
+    new.path.mkdir()
+    new.config.write_text("model: {name_or_path: tiny}\n")
+    ctx.manager.registry.add("r2", "r2", "train", new.config, new.path, state="queued")
+    new.write_status(state="queued")
+
+    started = train_tab.monitor_update(ctx, "r2", dict(train_tab.UNSEEN), pick=True)  # Start's reply
+    assert started[OUT["run"]].constructor_args == {"choices": ["r2", "r1"], "value": "r2"}
+    stale = train_tab.monitor_update(ctx, "r1", seen)  # the redraw asked for with r1, answered after Start
+    assert stale[OUT["run"]].constructor_args == {"choices": ["r2", "r1"]}  # the choices, never the value
+    # the page's dropdown still says r2: its poller asks for r2, and that redraw draws r2 over the stale one
+    out = train_tab.monitor_update(ctx, "r2", stale[OUT["seen"]])
+    assert out[OUT["seen"]]["run"] == "r2" and {"progress", "log"} <= drawn(out)
+    assert out[OUT["run"]].constructor_args == {"choices": ["r2", "r1"]}
+    assert 'data-run="r2"' in out[OUT["progress"]]
+    # a page watching nothing is given the run to watch
+    assert train_tab.monitor_update(ctx, None, dict(train_tab.UNSEEN))[OUT["run"]].constructor_args["value"]
+    old.close()
+
+
 def test_the_runs_tab_rebuilds_its_table_and_evaluation_only_on_change(ctx: AppContext, live: LiveViews) -> None:
     run = running_run(ctx)
     table_stamp, eval_stamp = stamp(live, "runs", None), stamp(live, "evaluation", "r1")
@@ -203,8 +229,18 @@ def test_the_runs_tab_rebuilds_its_table_and_evaluation_only_on_change(ctx: AppC
     train_step(run, 6)
     assert stamp(live, "evaluation", "r1") == eval_stamp  # the evaluation did not change
     assert stamp(live, "runs", None) != table_stamp
-    rows, picks, opened, _ = runs_tab.table_update(ctx, table_seen, "r1")
+    rows, picks, opened, table_seen = runs_tab.table_update(ctx, table_seen, "r1")
     assert rows[0][0] == "r1" and picks == opened == SKIP  # the same runs: their choices are not sent again
+
+    # a new run: the choices change; the run the page had opened is left as it is (a newer pick may be on its
+    # way), one that is gone is cleared
+    ctx.manager.registry.add("r2", "r2", "train", run.config, ctx.runs_dir / "r2", state="queued")
+    _, picks, opened, _ = runs_tab.table_update(ctx, table_seen, "r1")
+    assert picks.constructor_args == opened.constructor_args == {"choices": ["r2", "r1"]}
+    assert runs_tab.table_update(ctx, table_seen, "gone")[2].constructor_args == {
+        "choices": ["r2", "r1"],
+        "value": None,
+    }
     run.close()
 
 
