@@ -84,10 +84,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from trainer.export.fidelity import compare, forward_logits, prompt_inputs
-    from trainer.export.gguf import GGUF_TOLERANCE, load_gguf
+    from trainer.export.gguf import GGUF_TOLERANCE
     from trainer.export.gguf_types import CONVERTER_QUANTS, K_QUANTS
     from trainer.export.llama_cpp import ensure_converter, find_quantizer
     from trainer.model.builtin_models import cache_root
+    from trainer.model.gguf_load import load_gguf
 
     cache = cache_root("runs")
     quantizer = find_quantizer(cache)

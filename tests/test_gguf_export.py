@@ -162,7 +162,8 @@ def test_the_check_parses_its_gguf_once_and_leaves_the_gguf_module_as_it_was(tmp
     import gguf
     import numpy as np
 
-    from trainer.export.gguf import parsed_once, read_gguf_fields
+    from trainer.export.gguf import read_gguf_fields
+    from trainer.model.gguf_load import parsed_once
 
     paths = [tmp_path / "checked.gguf", tmp_path / "other.gguf"]
     for path in paths:

@@ -13,13 +13,8 @@ leaves --out as it was.
 
 from __future__ import annotations
 
-import functools
 import gc
-import os
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +33,7 @@ from trainer.export.merge import (
 )
 from trainer.export.target import give_plain_modes, partial_dir, write_marker
 from trainer.model.builtin_models import cache_root
+from trainer.model.gguf_load import load_gguf, parsed_once
 from trainer.run_dir import write_json_atomic
 
 # Allowed max |logit diff| as a fraction of max |reference logit| (fp32 base + adapter, unmerged), per GGUF type.
@@ -81,33 +77,6 @@ def gguf_name(out: Path, quant: str) -> str:
     return f"{out.name}.{quant}.gguf"
 
 
-_PATCHING = threading.Lock()
-
-
-@contextmanager
-def parsed_once(path: Path) -> Iterator[None]:
-    """Inside, `gguf.GGUFReader(path)` answers with one parse of the file and `gguf.get_tensor_name_map` from a memo.
-
-    transformers' GGUF loader parses the file for the config, again for the tokenizer and again for the tensors
-    (each parse walks the 49k-entry vocabulary: about 5 s for SmolLM2 on one core) and rebuilds llama.cpp's tensor
-    name map for every tensor (8 s in all). Both are looked up on the `gguf` module when called, so one parse and
-    one map serve the whole check; where a transformers release reads them otherwise, it parses as before."""
-    import gguf
-
-    with _PATCHING:  # one check at a time patches the module (an export job is one thread; a caller may not be)
-        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-        target, parsed = os.path.realpath(path), real_reader(str(path))
-
-        def reader(p: Any, mode: str = "r") -> Any:
-            return parsed if mode == "r" and os.path.realpath(p) == target else real_reader(p, mode)
-
-        try:
-            gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_map)
-            yield
-        finally:
-            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
-
-
 def read_gguf_fields(path: Path) -> dict[str, Any]:
     """The metadata the check needs: the embedded chat template and the EOS id (None when absent)."""
     from gguf import GGUFReader
@@ -118,18 +87,6 @@ def read_gguf_fields(path: Path) -> dict[str, Any]:
         "chat_template": bytes(template.parts[template.data[0]]).decode("utf-8") if template is not None else None,
         "eos_token_id": int(eos.parts[eos.data[0]][0]) if eos is not None else None,
     }
-
-
-def load_gguf(path: Path) -> tuple[Any, Any]:
-    """The GGUF dequantized into a transformers model (fp32) and its tokenizer, as transformers' loader reads it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(  # GGUF holds no pickles; use_safetensors keeps any fallback off
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, use_safetensors=True
-    )
-    return model.eval(), tokenizer
 
 
 def round_trip(tokenizer: Any, gguf_tokenizer: Any) -> dict[str, Any]:

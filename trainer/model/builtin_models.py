@@ -222,15 +222,12 @@ def _atomic_file(path: Path) -> Iterator:
 
 def convert(spec: BuiltinModel, gguf: Path, target: Path, log: Log) -> Path:
     """Dequantize the GGUF into a plain fp32 safetensors checkpoint + tokenizer, renamed into place when whole."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trainer.model.gguf_load import load_gguf, parsed_once
 
     log(f"{spec.model_id}: converting {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) to safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with parsed_once(gguf):
+        model, tokenizer = load_gguf(gguf)
     tokenizer.pad_token = spec.pad_token
-    model = AutoModelForCausalLM.from_pretrained(  # GGUF holds no pickles; use_safetensors keeps any fallback off
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_safetensors=True
-    )
     model.hf_quantizer = None  # a plain checkpoint now: no GGUF quantizer, no quantization_config
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
