@@ -77,6 +77,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def trl_choice(trl_utils) -> object:
+    """TRL's own `_use_triton`, before score_labelled_positions_only wrapped it."""
+    return getattr(trl_utils._use_triton, "trl_choice", trl_utils._use_triton)
+
+
 def fused_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     """TRL's fused LM head as SFTTrainer runs it on a CPU: log-probs, entropy and top-1, then the backward. The
     vocabulary is one chunk here (SFTTrainer's chunk is 32768 entries, wider than this test's vocabulary)."""
@@ -93,7 +98,9 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 def test_fused_head_scores_a_cpu_batch_in_small_tiles_with_the_same_results(monkeypatch: pytest.MonkeyPatch):
     import trl.kernels.chunked_logprob as kernel
+    from trl.trainer import utils as trl_utils
 
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_choice(trl_utils))  # lean_training changes it; restored after
     # TRL's own default (4096), restored after the test: a training run earlier in this process capped it already
     monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", 4096)
     g = torch.Generator().manual_seed(0)
@@ -107,6 +114,7 @@ def test_fused_head_scores_a_cpu_batch_in_small_tiles_with_the_same_results(monk
     assert lean_memory.lean_training(cuda=False) == {
         "allocator": lean_memory.loaded_allocator() or "system",
         "fused_head_tile_tokens": lean_memory.HEAD_TILE_TOKENS,
+        "fused_head_labelled_only": True,
     }
     lean, lean_largest = fused_head(hidden, weight, targets)
 
@@ -114,3 +122,62 @@ def test_fused_head_scores_a_cpu_batch_in_small_tiles_with_the_same_results(monk
     assert lean_largest <= lean_memory.HEAD_TILE_TOKENS * vocab
     for a, b in zip(default, lean, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def fused_step(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+    """One SFT forward and backward through TRL's fused LM head: per-token results, loss, every gradient, and the
+    largest tensor any op made."""
+    model.zero_grad()
+    with LargestTensor() as seen:
+        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (out.loss.detach(), out.log_probs.detach(), out.entropy.detach(), out.is_top1), grads, seen.numel
+
+
+def test_on_a_cpu_the_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    import trl.kernels.chunked_logprob as kernel
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer import utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_choice(trl_utils))  # as TRL decides (a training in this
+    # process may have changed it), restored afterwards
+    monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", 4096)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    input_ids = torch.randint(0, config.vocab_size, (4, 64))
+    labels = input_ids.clone()
+    labels[:, :48] = -100  # a chat row: the prompt has no labels, its answer (the last 16 tokens) has
+    every, every_grads, every_largest = fused_step(model, input_ids, labels)
+
+    assert lean_memory.lean_training(cuda=True)["fused_head_labelled_only"] is None  # a GPU keeps TRL's choice
+    assert lean_memory.lean_training(cuda=False)["fused_head_labelled_only"] is True
+    assert lean_memory.score_labelled_positions_only()  # once is enough: a second call changes nothing
+    labelled, labelled_grads, labelled_largest = fused_step(model, input_ids, labels)
+
+    # The head's tile is (positions scored, vocabulary chunk): every next-token position of the batch (4 x 63),
+    # then only the labelled ones (4 x 16)
+    positions, trained = 4 * 63, int((labels[:, 1:] != -100).sum())
+    assert trained == 4 * 16 and every_largest >= positions * config.vocab_size
+    assert labelled_largest * positions <= every_largest * trained
+    for a, b in zip(every, labelled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert every_grads.keys() == labelled_grads.keys()
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(grad, labelled_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # A batch with no label at all (prompts truncated to max_length) still yields a zero loss that backpropagates
+    (loss, *_), grads, _ = fused_step(model, input_ids, torch.full_like(labels, -100))
+    assert loss.item() == 0.0 and grads

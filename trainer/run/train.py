@@ -347,6 +347,7 @@ def build_trainer(s: Session, setup: Setup, data: Prepared) -> WorkbenchSFTTrain
     print(
         f"memory: allocator {lean['allocator']}"
         + (f", TRL's fused LM head in tiles of {tiles} tokens" if tiles else "")
+        + (" over the trained tokens only" if lean["fused_head_labelled_only"] else "")
     )
     s.run.event(0, "lean_memory", **lean)
     s.nan_guard = NanGuard()
