@@ -15,7 +15,7 @@ from app.views.side_jobs import EVAL_HEADERS, EXAMPLE_HEADERS, eval_examples, ev
 from trainer.config.run_config import DataSection
 from trainer.data.files import DataError
 from trainer.data.prepare import load_examples
-from trainer.export.evaluate import metrics, missing_facts, print_summary, row_result
+from trainer.export.evaluate import generate_batches, metrics, missing_facts, print_summary, row_result
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -46,6 +46,16 @@ def test_facts_score_counts_only_rows_with_facts_and_needs_every_fact() -> None:
     m = metrics(examples, ["i am quill", "Tern Labs made me.", "4"], loss=0.5)
     assert m["facts"] == 0.5 and m["exact_match"] == round(1 / 3, 4) and m["perplexity"] == 1.649
     assert "facts" not in metrics(examples[2:], ["5"], loss=1.0)
+
+
+def test_generate_batches_group_similar_prompts_within_the_row_and_token_limits() -> None:
+    lengths = [40, 12, 900, 41, 13, 3000, 39]
+    batches = generate_batches(lengths, rows=3, tokens=2048)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every prompt, once
+    assert batches == [[1, 4, 6], [0, 3], [2], [5]]  # shortest first; 3 x 900 tokens would pass 2048
+    assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2048) for b in batches)
+    assert generate_batches([60] * 28) == [list(range(28))]  # the persona held-out set: one call
+    assert generate_batches([]) == []
 
 
 def test_row_result_says_what_each_answer_missed() -> None:

@@ -25,7 +25,10 @@ from trainer.data.tokenization import IGNORE_INDEX, tokenize_example
 from trainer.job_status import JobStatus
 
 PHASES = 4
-GENERATE_BATCH = 8  # rows answered per generate call: batched greedy decoding beats one row at a time on a CPU
+# Rows answered per generate call: up to GENERATE_ROWS rows and GENERATE_TOKENS padded prompt tokens (rows x the
+# longest prompt), similar lengths together. A decoding step costs little more for 28 short rows than for 8.
+GENERATE_ROWS = 32
+GENERATE_TOKENS = 2048
 
 
 def load_for_inference(cfg: RunConfig, adapter_dir: Path):
@@ -62,11 +65,23 @@ def split_prompt(example: Example) -> tuple[list[dict], str]:
     return msgs[:last], msgs[last]["content"].strip()
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to a batch of conversations, left-padded so every answer starts where its prompt ends."""
+def generate_batches(lengths: list[int], rows: int = GENERATE_ROWS, tokens: int = GENERATE_TOKENS) -> list[list[int]]:
+    """Indices of the prompts answered together, shortest prompts first: each call at most `rows` rows and `tokens`
+    padded prompt tokens (one row alone when it is longer)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        current = batches[-1] if batches else []
+        # sorted: the row joining is the batch's longest
+        if not current or len(current) == rows or (len(current) + 1) * lengths[i] > tokens:
+            batches.append(current := [])
+        current.append(i)
+    return batches
+
+
+def greedy_answers(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to a batch of rendered prompts, left-padded so every answer starts where its prompt ends."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -113,10 +128,17 @@ def missing_facts(answer: str, facts: list[str | list[str]]) -> list[str]:
 
 def answer_all(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int) -> tuple[list[str], float]:
     """Every example's greedy answer, and the mean answer-token loss over all of them."""
-    answers, loss_sum, tokens = [], 0.0, 0
-    for start in range(0, len(examples), GENERATE_BATCH):
-        prompts = [split_prompt(ex)[0] for ex in examples[start : start + GENERATE_BATCH]]
-        answers.extend(greedy_answers(model, tokenizer, prompts, max_new_tokens))
+    texts = [
+        tokenizer.apply_chat_template(split_prompt(ex)[0], add_generation_prompt=True, tokenize=False)
+        for ex in examples
+    ]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    answers = [""] * len(examples)
+    for batch in generate_batches(lengths):
+        said = greedy_answers(model, tokenizer, [texts[i] for i in batch], max_new_tokens)
+        for i, answer in zip(batch, said, strict=True):
+            answers[i] = answer
+    loss_sum, tokens = 0.0, 0
     for ex in examples:
         total, n = answer_loss(model, tokenizer, ex)
         loss_sum, tokens = loss_sum + total, tokens + n
