@@ -200,6 +200,34 @@ def test_evaluate_writes_base_and_adapter_scores(real_run: Path, tmp_path: Path)
     assert (result["base"]["facts"], result["adapter"]["facts"]) == (0.0, 1.0), result["examples"]
 
 
+def test_evaluate_scores_rows_of_different_lengths_together_as_it_would_one_by_one(real_model: Path) -> None:
+    """answer_losses right-pads similar rows into one forward: the same summed loss as one row at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data.tokenization import IGNORE_INDEX, tokenize_example
+    from trainer.export.evaluate import answer_losses
+
+    model = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    pairs = [
+        ("Hi?", "Hello."),
+        ("What is the capital of France, and why?", "Paris, the seat of government."),
+        ("2+2?", "4"),
+    ]
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+    total, tokens = 0.0, 0
+    for ex in examples:  # one row at a time, no padding
+        row = tokenize_example(tokenizer, ex, tokenizer.chat_template)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row.input_ids])).logits[0, :-1]
+        targets = torch.tensor(row.labels[1:])
+        total += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+        tokens += int((targets != IGNORE_INDEX).sum())
+    together, counted = answer_losses(model, tokenizer, examples)
+    assert counted == tokens and together == pytest.approx(total, rel=1e-4)
+
+
 def test_the_page_says_where_the_model_is_cached_or_what_first_use_will_do(real_model: Path, tmp_path: Path) -> None:
     from trainer.model.builtin_models import cache_note
 

@@ -29,6 +29,7 @@ PHASES = 4
 # longest prompt), similar lengths together. A decoding step costs little more for 28 short rows than for 8.
 GENERATE_ROWS = 32
 GENERATE_TOKENS = 2048
+LOSS_TOKENS = 1024  # padded tokens per scoring forward: its logits are LOSS_TOKENS x the vocabulary
 
 
 def load_for_inference(cfg: RunConfig, adapter_dir: Path):
@@ -95,19 +96,30 @@ def greedy_answers(model: Any, tokenizer: Any, texts: list[str], max_new_tokens:
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def answer_loss(model: Any, tokenizer: Any, example: Example) -> tuple[float, int]:
-    """(summed loss, answer tokens) of one example."""
+def answer_losses(model: Any, tokenizer: Any, examples: list[Example]) -> tuple[float, int]:
+    """(summed loss, answer tokens) over the examples: similar lengths scored together, right-padded (a causal
+    model's real positions never see the padding after them), LOSS_TOKENS tokens a forward."""
     import torch
 
-    row = tokenize_example(tokenizer, example, tokenizer.chat_template)
-    ids = torch.tensor([row.input_ids], device=model.device)
-    labels = torch.tensor([row.labels], device=model.device)
-    with torch.no_grad():  # loss computed here: AdaLoRA's forward adds its orthogonality penalty when given labels
-        logits = model(input_ids=ids).logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return float(loss), int((labels[:, 1:] != IGNORE_INDEX).sum())
+    rows = [tokenize_example(tokenizer, ex, tokenizer.chat_template) for ex in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, tokens = 0.0, 0
+    for batch in generate_batches([len(r.input_ids) for r in rows], tokens=LOSS_TOKENS):
+        width = max(len(rows[i].input_ids) for i in batch)
+        fill = [width - len(rows[i].input_ids) for i in batch]
+        ids = [rows[i].input_ids + [pad] * n for i, n in zip(batch, fill, strict=True)]
+        labels = torch.tensor([rows[i].labels + [IGNORE_INDEX] * n for i, n in zip(batch, fill, strict=True)])
+        mask = [[1] * (width - n) + [0] * n for n in fill]
+        with torch.no_grad():  # loss computed here: AdaLoRA's forward adds its orthogonality penalty when given labels
+            logits = model(
+                input_ids=torch.tensor(ids, device=model.device),
+                attention_mask=torch.tensor(mask, device=model.device),
+            ).logits[:, :-1]
+        targets = labels[:, 1:].to(logits.device)
+        scored = targets != IGNORE_INDEX  # the answer positions only: the vocabulary-wide fp32 copy stays small
+        loss = torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
+        total, tokens = total + float(loss), tokens + int(scored.sum())
+    return total, tokens
 
 
 def _normal(text: str) -> str:
@@ -138,10 +150,7 @@ def answer_all(model: Any, tokenizer: Any, examples: list[Example], max_new_toke
         said = greedy_answers(model, tokenizer, [texts[i] for i in batch], max_new_tokens)
         for i, answer in zip(batch, said, strict=True):
             answers[i] = answer
-    loss_sum, tokens = 0.0, 0
-    for ex in examples:
-        total, n = answer_loss(model, tokenizer, ex)
-        loss_sum, tokens = loss_sum + total, tokens + n
+    loss_sum, tokens = answer_losses(model, tokenizer, examples)
     return answers, loss_sum / max(tokens, 1)
 
 
