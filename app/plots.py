@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from typing import Any
 
 import plotly.graph_objects as go
-import plotly.io as pio
 from gradio.components.plot import PlotData
 
 from app.views.monitor import Series, ema
@@ -19,6 +17,30 @@ _LAYOUT = {
     "legend": {"orientation": "h", "y": -0.25},
     "template": "plotly_white",
 }
+# The live charts get plotly_white's look spelled out rather than the template itself: a template is 7 KB of
+# defaults for 24 trace types that every watching page parses and merges at each redraw of each chart, and its
+# axes' automargin has plotly.js measure the tick labels and lay a chart out again. Fixed margins leave the labels
+# room instead (benchmarks/page_cpu.py: what a watching page's renderer costs).
+_AXIS = {
+    "title": {"standoff": 15},
+    "gridcolor": "#EBF0F8",
+    "linecolor": "#EBF0F8",
+    "zerolinecolor": "#EBF0F8",
+    "zerolinewidth": 2,
+    "ticks": "",
+    "automargin": False,
+}
+_LIVE_LAYOUT = {
+    **{k: v for k, v in _LAYOUT.items() if k != "template"},
+    "margin": {"l": 70, "r": 20, "t": 40, "b": 125, "autoexpand": False},
+    "legend": {"orientation": "h", "y": -0.4},
+    "paper_bgcolor": "white",
+    "plot_bgcolor": "white",
+    "font": {"color": "#2a3f5f"},
+    "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880"],
+    "hovermode": "closest",
+}
+_RIGHT_MARGIN = 60  # a chart with a right axis: its tick labels and title
 
 
 def _fig(title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
@@ -30,14 +52,17 @@ def _fig(title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
 # The monitor's four charts are built as the JSON plotly.js reads, not through go.Figure: a watched run redraws them
 # on each new metrics line, and go.Figure's validation costs ~15 ms a chart where the dict costs ~1 ms (measured
 # with benchmarks/ui_latency.py's --ticks). *_figure() wraps the same dict in a Figure for other callers.
-@functools.cache
-def _template() -> dict[str, Any]:
-    return pio.templates[_LAYOUT["template"]].to_plotly_json()
-
-
 def _spec(title: str, traces: list[dict[str, Any]], y_title: str, **layout: Any) -> dict[str, Any]:
-    axes = {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": y_title}}}
-    return {"data": traces, "layout": {**_LAYOUT, "template": _template(), "title": {"text": title}, **axes, **layout}}
+    axes = {"xaxis": _axis("step"), "yaxis": _axis(y_title)}
+    margin = {**_LIVE_LAYOUT["margin"], **({"r": _RIGHT_MARGIN} if "yaxis2" in layout else {})}
+    return {
+        "data": traces,
+        "layout": {**_LIVE_LAYOUT, "margin": margin, "title": {"text": title, "x": 0.05}, **axes, **layout},
+    }
+
+
+def _axis(title: str, **axis: Any) -> dict[str, Any]:
+    return {**_AXIS, "title": {**_AXIS["title"], "text": title}, **axis}
 
 
 def _line(x: list, y: list, name: str, mode: str = "lines", **style: Any) -> dict[str, Any]:
@@ -45,7 +70,7 @@ def _line(x: list, y: list, name: str, mode: str = "lines", **style: Any) -> dic
 
 
 def _right_axis(title: str, **axis: Any) -> dict[str, Any]:
-    return {"title": {"text": title}, "overlaying": "y", "side": "right", **axis}
+    return _axis(title, overlaying="y", side="right", **axis)
 
 
 def loss_spec(s: Series) -> dict[str, Any]:

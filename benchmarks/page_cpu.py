@@ -3,6 +3,7 @@ tab and while it watches a fast tiny run (a metrics line every `--logging-steps`
 
     python benchmarks/page_cpu.py                  # 15 s idle, then 20 s of a running tiny run
     python benchmarks/page_cpu.py --seconds 60
+    python benchmarks/page_cpu.py --example examples/smollm2-persona.yaml --logging-steps 1   # the default run
 
 The real `lora-workbench ui` server and Debian's Chromium through Playwright (tests/browser_support.py). CPU is
 read from /proc for every Chromium process, in cores (1.0 = one core busy). Prints markdown; asserts nothing.
@@ -52,11 +53,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the running run is watched")
     ap.add_argument("--logging-steps", type=int, default=2)
+    ap.add_argument("--example", default="examples/tiny-lora.yaml", help="the config the page opens on and starts")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(Path(tmp) / "runs", Path(tmp) / "server.log")
+        server = Server(Path(tmp) / "runs", Path(tmp) / "server.log", example=args.example)
         server.start()
         try:
             with sync_playwright() as p:
@@ -69,7 +71,9 @@ def main() -> None:
                 set_number(page, "training.max_steps", 100000)
                 set_number(page, "training.logging_steps", args.logging_steps)
                 page.click("#start-btn")
-                page.wait_for_function("() => document.querySelector('.lwb-progress')?.dataset.state === 'running'")
+                page.wait_for_function(
+                    "() => document.querySelector('.lwb-progress')?.dataset.state === 'running'", timeout=300_000
+                )
                 time.sleep(5)
                 running = cores_over(args.seconds)
                 page.click("#stop-btn")
@@ -81,7 +85,8 @@ def main() -> None:
     print(f"Chromium CPU in cores, one page on the Train tab ({platform.node()}, {os.cpu_count()} cores)\n")
     print("| page | " + " | ".join(sorted(running)) + " |")
     print("|---|" + "---|" * len(running))
-    for name, row in (("idle, no run", idle), (f"a tiny run, a line every {args.logging_steps} steps", running)):
+    watching = f"{Path(args.example).stem}, a line every {args.logging_steps} steps"
+    for name, row in (("idle, no run", idle), (watching, running)):
         print(f"| {name} | " + " | ".join(f"{row.get(k, 0.0):.2f}" for k in sorted(running)) + " |")
 
 
