@@ -19,8 +19,9 @@ _LAYOUT = {
 }
 # The live charts get plotly_white's look spelled out rather than the template itself: a template is 7 KB of
 # defaults for 24 trace types that every watching page parses and merges at each redraw of each chart, and its
-# axes' automargin has plotly.js measure the tick labels and lay a chart out again. Fixed margins leave the labels
-# room instead (benchmarks/page_cpu.py: what a watching page's renderer costs).
+# axes' automargin has plotly.js measure the tick labels and lay a chart out again. Margins sized for the labels
+# and the usual legend instead; a longer legend (a GPU per line) still pushes the bottom margin as it needs
+# (benchmarks/page_cpu.py: what a watching page's renderer costs).
 _AXIS = {
     "title": {"standoff": 15},
     "gridcolor": "#EBF0F8",
@@ -32,7 +33,7 @@ _AXIS = {
 }
 _LIVE_LAYOUT = {
     **{k: v for k, v in _LAYOUT.items() if k != "template"},
-    "margin": {"l": 70, "r": 20, "t": 40, "b": 125, "autoexpand": False},
+    "margin": {"l": 80, "r": 20, "t": 40, "b": 125},
     "legend": {"orientation": "h", "y": -0.4},
     "paper_bgcolor": "white",
     "plot_bgcolor": "white",
@@ -40,7 +41,8 @@ _LIVE_LAYOUT = {
     "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880"],
     "hovermode": "closest",
 }
-_RIGHT_MARGIN = 60  # a chart with a right axis: its tick labels and title
+_RIGHT_MARGIN = 70  # a chart with a right axis: its tick labels and title
+_NO_LEGEND_BOTTOM = 60  # a chart of one line shows no legend: the x axis's labels and title only
 
 
 def _fig(title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
@@ -55,6 +57,8 @@ def _fig(title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
 def _spec(title: str, traces: list[dict[str, Any]], y_title: str, **layout: Any) -> dict[str, Any]:
     axes = {"xaxis": _axis("step"), "yaxis": _axis(y_title)}
     margin = {**_LIVE_LAYOUT["margin"], **({"r": _RIGHT_MARGIN} if "yaxis2" in layout else {})}
+    if len(traces) == 1:
+        margin["b"] = _NO_LEGEND_BOTTOM
     return {
         "data": traces,
         "layout": {**_LIVE_LAYOUT, "margin": margin, "title": {"text": title, "x": 0.05}, **axes, **layout},

@@ -128,7 +128,7 @@ def table_update(ctx: AppContext, last: Any, selected: str | None) -> tuple[Any,
         return rows, gr.skip(), gr.skip(), rows
     # The pick is written only to clear one that is gone: `selected` is the page's when the poller asked, and the
     # user may have picked another run since (writing it back would undo their pick)
-    opened = gr.Dropdown(choices=ids) if selected in ids else gr.Dropdown(choices=ids, value=None)
+    opened = gr.Dropdown(choices=ids) if selected is None or selected in ids else gr.Dropdown(choices=ids, value=None)
     return rows, gr.CheckboxGroup(choices=ids), opened, rows
 
 

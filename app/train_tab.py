@@ -256,16 +256,19 @@ class MonitorNow:
     watch: RunWatch | None
     queue_pos: int | None
     keys: dict[str, Any]
+    chosen: bool = False  # the run was chosen here: the page watched none, or one that is gone
 
 
 def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
     jobs = ctx.jobs_newest_first()
     ids = [j.id for j in jobs]
-    run_id = run_id or ctx.run_to_watch()  # a page watching nothing follows the first run that appears
+    chosen = run_id not in ids
+    if chosen:  # a page watching nothing follows the first run that appears; one whose run was deleted, the next
+        run_id = ctx.run_to_watch()
     job = next((j for j in jobs if j.id == run_id), None)
     keys: dict[str, Any] = {"run": (tuple(ids), run_id)}
     if job is None:
-        return MonitorNow(run_id, ids, None, None, {**keys, "progress": None, "error": None})
+        return MonitorNow(run_id, ids, None, None, {**keys, "progress": None, "error": None}, chosen)
     watch = ctx.watchers.get(Path(job.run_dir))  # one shared, rate-limited poll of the run's files
     queue_pos = ctx.manager.queue_position(run_id) if job.state == "queued" else None
     failed = watch.status.get("state") == "failed"
@@ -276,7 +279,7 @@ def monitor_now(ctx: AppContext, run_id: str | None) -> MonitorNow:
         log=(run_id, watch.log_stamp),
         **{name: (run_id, *watch.paced_key(name, kinds, CHART_EVERY_S)) for name, (_, kinds) in charts},
     )
-    return MonitorNow(run_id, ids, watch, queue_pos, keys)
+    return MonitorNow(run_id, ids, watch, queue_pos, keys, chosen)
 
 
 def monitor_keys(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
@@ -293,17 +296,18 @@ def monitor_update(ctx: AppContext, run_id: str | None, seen: dict[str, Any], pi
     """Everything the monitor shows, or gr.skip() where the page already shows it.
     Outputs (MONITOR_OUTPUTS): run dropdown, progress, error panel, 4 plots, log, seen-state.
 
-    The run dropdown's value is written only where `pick` (Start) or the page watched nothing: a redraw carries the
-    run the page watched when it asked, and a Start's reply may have come in since (the poller sees the new job the
-    moment Start queues it); writing the old run back would leave that page watching it, its stamp unchanged. The
-    redraw's other outputs are then the old run's for one poll: the next stamp, for the new run, differs."""
+    The run dropdown's value is written only where `pick` (Start, a pick) or the run was chosen here (the page
+    watched nothing, or a deleted run): a redraw carries the run the page watched when it asked, and a Start's reply
+    may have come in since (the poller sees the new job the moment Start queues it); writing the old run back would
+    leave that page watching it, its stamp unchanged. The redraw's other outputs are then the old run's for one
+    poll: the next stamp, for the new run, differs."""
     now = monitor_now(ctx, run_id)
     drawn = seen.get("drawn") or {}
     due = [name for name, key in now.keys.items() if drawn.get(name, _NEVER) != key]
     out: dict[str, Any] = {name: gr.skip() for name in MONITOR_OUTPUTS}
     out["seen"] = {"ids": now.ids, "run": now.run_id, "drawn": now.keys}
     for name in due:
-        out[name] = _monitor_output(name, now, pick or run_id is None)
+        out[name] = _monitor_output(name, now, pick or now.chosen)
     return [out[name] for name in MONITOR_OUTPUTS]
 
 
@@ -604,7 +608,9 @@ def _data_preview_block() -> dict[str, Any]:
 
 def _monitor_block() -> dict[str, Any]:
     gr.Markdown("### Live monitor")
-    run = gr.Dropdown(label="Watching run", choices=[], allow_custom_value=False, elem_id="watch-run")
+    # a custom value is allowed so that a redraw's choices, a moment older than the page's value (Start's new
+    # run), never fail the events that read it (Stop, the next redraw); a run that is not there is followed anew
+    run = gr.Dropdown(label="Watching run", choices=[], allow_custom_value=True, elem_id="watch-run")
     progress_html = gr.HTML(elem_id="progress")
     error = gr.Markdown(visible=False, elem_id="error-panel")
     with gr.Row():

@@ -54,7 +54,8 @@ def test_generate_batches_group_similar_prompts_within_the_row_and_token_limits(
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every prompt, once
     assert batches == [[1, 4, 6], [0, 3], [2], [5]]  # shortest first; 3 x 900 tokens would pass 2048
     assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2048) for b in batches)
-    assert generate_batches([60] * 28) == [list(range(28))]  # the persona held-out set: one call
+    assert generate_batches([60 + 32] * 28) == [list(range(28))]  # the persona held-out set, 32 new tokens: one call
+    assert len(generate_batches([60 + 512] * 28)) == 4  # long answers: fewer rows a call (7 x 572 <= 4096)
     assert generate_batches([]) == []
 
 

@@ -316,5 +316,6 @@ def test_a_job_process_inside_its_re_execution_is_still_its_own(tmp_path: Path) 
             if not is_our_process(job) and proc.poll() is None:  # alive after the check: it was alive during it
                 taken_for_dead += 1
         assert not is_our_process(Job(**{**job.__dict__, "proc_start": start - 1.0}))  # another start: not ours
-    print(f"{seen_empty} reads of an empty command line while the jobs re-executed")  # the window covered
     assert taken_for_dead == 0
+    if seen_empty == 0:  # then the window this test is about was never hit: say so rather than pass
+        pytest.skip("RE-EXECUTION WINDOW NOT HIT: no read saw the empty command line on this machine; nothing tested")

@@ -144,6 +144,7 @@ def test_on_a_cpu_the_fused_head_scores_only_labelled_positions_with_the_same_lo
 
     monkeypatch.setattr(trl_utils, "_use_triton", trl_choice(trl_utils))  # as TRL decides (a training in this
     # process may have changed it), restored afterwards
+    original = trl_utils._use_triton
     monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", 4096)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -164,7 +165,10 @@ def test_on_a_cpu_the_fused_head_scores_only_labelled_positions_with_the_same_lo
 
     assert lean_memory.lean_training(cuda=True)["fused_head_labelled_only"] is None  # a GPU keeps TRL's choice
     assert lean_memory.lean_training(cuda=False)["fused_head_labelled_only"] is True
-    assert lean_memory.score_labelled_positions_only()  # once is enough: a second call changes nothing
+    wrapped = trl_utils._use_triton
+    assert lean_memory.score_labelled_positions_only() and trl_utils._use_triton is wrapped  # not wrapped twice
+    assert wrapped.trl_choice is original and not original(torch.device("cpu"))  # TRL's own: every position
+    assert lean_memory.lean_training(cuda=False, compiled=True)["fused_head_labelled_only"] is None  # TRL's choice
     labelled, labelled_grads, labelled_largest = fused_step(model, input_ids, labels)
 
     # The head's tile is (positions scored, vocabulary chunk): every next-token position of the batch (4 x 63),

@@ -202,8 +202,10 @@ def test_a_redraw_asked_for_before_a_start_never_takes_the_page_back_to_the_old_
     assert out[OUT["seen"]]["run"] == "r2" and {"progress", "log"} <= drawn(out)
     assert out[OUT["run"]].constructor_args == {"choices": ["r2", "r1"]}
     assert 'data-run="r2"' in out[OUT["progress"]]
-    # a page watching nothing is given the run to watch
-    assert train_tab.monitor_update(ctx, None, dict(train_tab.UNSEEN))[OUT["run"]].constructor_args["value"]
+    # a page watching nothing, or a run deleted meanwhile, is given the run to watch
+    for page_run in (None, "deleted"):
+        out = train_tab.monitor_update(ctx, page_run, dict(train_tab.UNSEEN))
+        assert out[OUT["run"]].constructor_args["value"] == out[OUT["seen"]]["run"] in ("r1", "r2")
     old.close()
 
 

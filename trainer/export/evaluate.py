@@ -25,10 +25,11 @@ from trainer.data.tokenization import IGNORE_INDEX, tokenize_example
 from trainer.job_status import JobStatus
 
 PHASES = 4
-# Rows answered per generate call: up to GENERATE_ROWS rows and GENERATE_TOKENS padded prompt tokens (rows x the
-# longest prompt), similar lengths together. A decoding step costs little more for 28 short rows than for 8.
+# Rows answered per generate call: up to GENERATE_ROWS rows and GENERATE_TOKENS tokens in the cache (rows x (the
+# longest prompt + max_new_tokens)), similar lengths together. A decoding step costs little more for 28 short rows
+# than for 8.
 GENERATE_ROWS = 32
-GENERATE_TOKENS = 2048
+GENERATE_TOKENS = 4096
 LOSS_TOKENS = 1024  # padded tokens per scoring forward: its logits are LOSS_TOKENS x the vocabulary
 
 
@@ -67,8 +68,8 @@ def split_prompt(example: Example) -> tuple[list[dict], str]:
 
 
 def generate_batches(lengths: list[int], rows: int = GENERATE_ROWS, tokens: int = GENERATE_TOKENS) -> list[list[int]]:
-    """Indices of the prompts answered together, shortest prompts first: each call at most `rows` rows and `tokens`
-    padded prompt tokens (one row alone when it is longer)."""
+    """Indices of the rows handled together, shortest first: each batch at most `rows` rows and `tokens` padded
+    tokens (rows x the longest; one row alone when it is longer)."""
     batches: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         current = batches[-1] if batches else []
@@ -146,7 +147,7 @@ def answer_all(model: Any, tokenizer: Any, examples: list[Example], max_new_toke
     ]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     answers = [""] * len(examples)
-    for batch in generate_batches(lengths):
+    for batch in generate_batches([n + max_new_tokens for n in lengths]):
         said = greedy_answers(model, tokenizer, [texts[i] for i in batch], max_new_tokens)
         for i, answer in zip(batch, said, strict=True):
             answers[i] = answer

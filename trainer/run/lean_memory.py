@@ -25,10 +25,9 @@ head's tiles); glibc held 4.3-4.4 GB.
   tile in place with Triton, so the tile is the whole cost there; it is left as TRL sets it.
 - Off Triton devices TRL also scores every position, prompt and padding included, so that a compiler (Neuron) sees
   one tile shape per batch; the loss then drops the positions without a label. Eager CPU code compiles nothing, so
-  there the head scores only the labelled positions, as TRL does on a GPU: the same loss and gradients, and a
-  persona row of the default example (about 60 tokens, 16 of them its answer) costs the head a quarter. The
-  default example's 8 steps on 2 cores: 36.4 s -> 30.0 s of training, identical losses (measured by hand with
-  `lora-workbench train examples/smollm2-persona.yaml training.max_steps=8`).
+  there (unless `training.torch_compile`) the head scores only the labelled positions, as TRL does on a GPU: the
+  same loss and gradients, and a persona row of the default example (about 60 tokens, 16 of them its answer) costs
+  the head a quarter. README, "Memory on a CPU": the default example's 8 steps on one core 56.9 -> 45.0 s.
 """
 
 from __future__ import annotations
@@ -115,11 +114,12 @@ def score_labelled_positions_only() -> bool:
     return True
 
 
-def lean_training(cuda: bool) -> dict[str, str | int | bool | None]:
-    """For the training process, once, before the trainer is built: the head's tiles and positions on a CPU; what
-    the run trains with, for its `lean_memory` event."""
+def lean_training(cuda: bool, compiled: bool = False) -> dict[str, str | int | bool | None]:
+    """For the training process, once, before the trainer is built: the head's tiles and positions on a CPU (the
+    positions as TRL chose where torch.compile runs: a labelled count that changes every batch would recompile);
+    what the run trains with, for its `lean_memory` event."""
     return {
         "allocator": loaded_allocator() or "system",
         "fused_head_tile_tokens": None if cuda else small_head_tiles(),
-        "fused_head_labelled_only": None if cuda else score_labelled_positions_only(),
+        "fused_head_labelled_only": None if cuda or compiled else score_labelled_positions_only(),
     }

@@ -342,7 +342,7 @@ def build_trainer(s: Session, setup: Setup, data: Prepared) -> WorkbenchSFTTrain
     model = load_model(s.cfg, path, plan)
     s.check_stop()
     args = to_sft_config(s.cfg, s.run, plan.trainer_flags, bool(data.eval))
-    lean = lean_training(plan.cuda)
+    lean = lean_training(plan.cuda, s.cfg.training.torch_compile)
     tiles = lean["fused_head_tile_tokens"]
     print(
         f"memory: allocator {lean['allocator']}"
