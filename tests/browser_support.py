@@ -74,39 +74,30 @@ class Server:
 def kill_run(runs_dir: Path, run_id: str) -> None:
     """The job processes of one run (its status.json's pid and anything working in its dir), never the server
     that shares the runs dir (whose command line names the runs dir, not the run's)."""
-    import psutil
-
-    run_dir = str(runs_dir / run_id)
-    status_file = runs_dir / run_id / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-    if status.get("pid") and status.get("state") == "running":
-        try:
-            os.killpg(os.getpgid(status["pid"]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(run_dir in arg for arg in proc.info["cmdline"] or []):
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+    _kill_jobs(runs_dir / run_id, [runs_dir / run_id / "status.json"])
 
 
 def kill_leftover_trainers(runs_dir: Path) -> None:
     """Every job process still working in the runs dir (a 100000-step run the test left), by its status.json's pid
     and by its command line (a job that had not written its pid yet): none outlives the test to load the machine.
     A server on that runs dir is killed too: call it after the server stopped (kill_run while it serves)."""
+    _kill_jobs(runs_dir, list(runs_dir.glob("*/status.json")))
+
+
+def _kill_jobs(path: Path, status_files: list[Path]) -> None:
+    """SIGKILL the process group of each running status.json's pid, then every process whose command line names
+    `path`."""
     import psutil
 
-    for status_file in runs_dir.glob("*/status.json"):
-        pid = json.loads(status_file.read_text()).get("pid")
-        if pid and json.loads(status_file.read_text()).get("state") == "running":
+    for status_file in status_files:
+        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+        if status.get("pid") and status.get("state") == "running":
             try:
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
+                os.killpg(os.getpgid(status["pid"]), signal.SIGKILL)
             except ProcessLookupError:
                 pass
     for proc in psutil.process_iter(["cmdline"]):
-        if any(str(runs_dir) in arg for arg in proc.info["cmdline"] or []):
+        if any(str(path) in arg for arg in proc.info["cmdline"] or []):
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
